@@ -1,0 +1,120 @@
+"""The `rannc` command line: a thin shell over the library.
+
+    rannc profile examples/mlp.py --json
+
+Each command parses its flags, calls one library function and prints. Heavy
+imports (torch) happen inside the commands, so ``rannc --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from rannc_cli import __version__
+from rannc_cli.errors import RanncError
+
+app = typer.Typer(
+    name="rannc",
+    help="Train PyTorch models too large for one GPU: profile, plan and launch pipeline + data parallel jobs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"rannc {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """rannc: automatic pipeline + data parallel training for PyTorch on HPC clusters."""
+
+
+# --------------------------------------------------------------------------- profile
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def profile(
+    ctx: typer.Context,
+    script: Path = typer.Argument(..., help="Training script that wraps its model in RaNNCModule."),
+    estimate: bool = typer.Option(False, "--estimate", help="Compute costs from FLOPs and bytes with a device spec; run no kernel."),
+    device: str = typer.Option("cpu", "--device", help="Device to measure on: cpu or cuda."),
+    device_spec: Optional[str] = typer.Option(None, "--device-spec", help="Device spec (configs/devices.yaml) for --estimate, e.g. V100-16GB."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Profile file to write (default: rannc-profile.yaml beside the script's working dir)."),
+    microbatch_sizes: Optional[str] = typer.Option(None, "--microbatch-sizes", help="Comma list of microbatch sizes to measure (default: powers of two up to the batch, at most 4)."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Ignore and do not update the profile cache."),
+    as_json: bool = typer.Option(False, "--json", help="Print the profile summary as JSON."),
+    top: int = typer.Option(10, "--top", help="Rows in the costliest-blocks table."),
+) -> None:
+    """Capture the model at its first forward, profile its blocks, write a profile file.
+
+    Script arguments follow `--`: rannc profile train.py -- --lr 0.1
+    """
+    from rannc_cli.profiler.command import profile_command
+
+    profile_command(
+        script=script,
+        script_args=list(ctx.args),
+        estimate=estimate,
+        device=device,
+        device_spec=device_spec,
+        out=out,
+        microbatch_sizes=microbatch_sizes,
+        use_cache=not no_cache,
+        as_json=as_json,
+        top=top,
+    )
+
+
+# --------------------------------------------------------------------------- config
+@app.command("config")
+def config_cmd(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+    """List every setting: value, where it came from (env RANNC_<NAME>, config file, default), meaning."""
+    from rannc_cli.config import settings
+
+    rows = settings.table()
+    if as_json:
+        import json
+
+        typer.echo(json.dumps({name: {"value": value, "source": source} for name, value, source, _ in rows}, indent=2))
+        return
+    from tabulate import tabulate
+
+    typer.echo(tabulate(rows, headers=["setting", "value", "source", "meaning"]))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point: run the app, turning RanncError into one clear line and exit code 2."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except RanncError as exc:
+        typer.echo(f"error: {exc.one_line()}", err=True)
+        return exc.exit_code
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        return 130
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        return 130
+    except Exception as exc:  # click usage errors come through here too
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            return exc.exit_code
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""One registry of settings, with defaults, docs and overrides.
+
+    from rannc_cli.config import settings
+    settings.get("cache_dir")            # RANNC_CACHE_DIR, then the config file, then the default
+
+Order of precedence (highest first): an explicit value given to ``get``'s caller
+(CLI flag), the environment variable ``RANNC_<NAME>``, the user config file
+(``RANNC_CONFIG`` or ``~/.config/rannc/config.yaml``), the registry default.
+``rannc config`` lists every setting with its current value and source.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from rannc_cli.errors import RanncError
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    default: Any
+    doc: str
+    parse: Callable[[str], Any] = str
+
+    @property
+    def env_var(self) -> str:
+        return "RANNC_" + self.name.upper()
+
+
+REGISTRY: dict[str, Setting] = {
+    s.name: s
+    for s in [
+        Setting("cache_dir", str(Path.home() / ".cache" / "rannc"), "Where profiles (and later plans) are cached."),
+        Setting("logs_dir", "logs", "Folder holding one sub-folder per job."),
+        Setting("block_target", 64, "Capture: split modules until about this many atomic blocks exist.", int),
+        Setting("profile_warmup", 2, "Profiling: untimed warm-up runs per block and microbatch size.", int),
+        Setting("profile_repeats", 5, "Profiling: timed runs per block and size; the median is kept.", int),
+        Setting("profile_microbatch_sizes", "", "Profiling: microbatch sizes to measure (comma list); empty means powers of two up to the batch, at most 4 sizes.", str),
+        Setting("device_spec", "", "Estimate mode: device spec name from configs/devices.yaml (empty: the current device's, else the generic CPU).", str),
+        Setting("memory_margin", 0.1, "Planner: fraction of GPU memory kept free.", float),
+        Setting("optimizer_state_factor", 2.0, "Planner: optimizer state bytes per parameter byte (Adam: 2).", float),
+    ]
+}
+
+
+class Settings:
+    """Resolved view of the registry (environment and config file)."""
+
+    def __init__(self, registry: dict[str, Setting] = REGISTRY):
+        self._registry = registry
+        self._file_values: dict[str, Any] | None = None
+
+    def config_file(self) -> Path:
+        return Path(os.environ.get("RANNC_CONFIG", Path.home() / ".config" / "rannc" / "config.yaml"))
+
+    def _from_file(self) -> dict[str, Any]:
+        if self._file_values is None:
+            path = self.config_file()
+            values: dict[str, Any] = {}
+            if path.is_file():
+                import yaml
+
+                try:
+                    loaded = yaml.safe_load(path.read_text()) or {}
+                except yaml.YAMLError as exc:
+                    raise RanncError(f"config file {path} is not valid YAML ({exc})", hint="fix or remove it") from None
+                if not isinstance(loaded, dict):
+                    raise RanncError(f"config file {path} must be a mapping of setting: value")
+                unknown = sorted(set(loaded) - set(self._registry))
+                if unknown:
+                    raise RanncError(f"config file {path} has unknown settings: {', '.join(unknown)}",
+                                     hint="`rannc config` lists the known ones")
+                values = loaded
+            self._file_values = values
+        return self._file_values
+
+    def get(self, name: str) -> Any:
+        return self.resolve(name)[0]
+
+    def resolve(self, name: str) -> tuple[Any, str]:
+        """Return (value, source) where source is 'env', 'file' or 'default'."""
+        try:
+            setting = self._registry[name]
+        except KeyError:
+            raise RanncError(f"unknown setting {name!r}") from None
+        raw = os.environ.get(setting.env_var)
+        if raw is not None:
+            try:
+                return setting.parse(raw), "env"
+            except ValueError as exc:
+                raise RanncError(f"{setting.env_var}={raw!r} is invalid ({exc})") from None
+        file_values = self._from_file()
+        if name in file_values:
+            value = file_values[name]
+            return (setting.parse(str(value)) if isinstance(value, str) else value), "file"
+        return setting.default, "default"
+
+    def table(self) -> list[tuple[str, Any, str, str]]:
+        return [(s.name, *self.resolve(s.name), s.doc) for s in self._registry.values()]
+
+
+settings = Settings()
