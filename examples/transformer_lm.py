@@ -34,7 +34,7 @@ class TransformerLM(nn.Module):
         n = tokens.shape[1]
         positions = torch.arange(n, device=tokens.device)
         h = self.tok(tokens) + self.pos(positions)
-        h = self.encoder(h, mask=self.causal[:n, :n], src_key_padding_mask=padding)
+        h = self.encoder(h, mask=self.causal[:n, :n], src_key_padding_mask=padding, is_causal=True)
         logits = self.head(self.norm(h))
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 

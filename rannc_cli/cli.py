@@ -8,6 +8,7 @@ imports (torch) happen inside the commands, so ``rannc --help`` stays instant.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -91,11 +92,35 @@ def config_cmd(as_json: bool = typer.Option(False, "--json", help="Print as JSON
     typer.echo(tabulate(rows, headers=["setting", "value", "source", "meaning"]))
 
 
+# --------------------------------------------------------------------------- topology
+@app.command()
+def topology(
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="slurm, pbs or local (default: the site's, else what works here)."),
+    site: Optional[str] = typer.Option(None, "--site", help="Site config (configs/<NAME>.yaml or a path) that fills facts discovery cannot find."),
+    host: Optional[str] = typer.Option(None, "--host", help="Discover over SSH: user@login.example[:port] or a ~/.ssh/config alias."),
+    measure: bool = typer.Option(False, "--measure", help="Run a short job (2 nodes, or 1) timing p2p and all-reduce; store the numbers."),
+    as_json: bool = typer.Option(False, "--json", help="Print the topology as JSON."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Topology file to write (default: rannc-topology.yaml)."),
+    partition: Optional[str] = typer.Option(None, "--partition", "-p", help="Only nodes of this Slurm partition / PBS queue."),
+    nodes: Optional[int] = typer.Option(None, "--nodes", "-N", min=1, help="Keep N usable nodes (site configs: make N nodes)."),
+    measure_procs: Optional[int] = typer.Option(None, "--measure-procs", min=2, help="Processes per node for --measure (default: GPUs per node, 2 on CPU)."),
+) -> None:
+    """Discover the cluster (nodes, GPUs, interconnect), optionally measure links, write a topology file."""
+    from rannc_cli.topology.command import topology_command
+
+    topology_command(scheduler=scheduler, site=site, host=host, measure=measure, as_json=as_json, out=out,
+                     partition=partition, nodes=nodes, measure_procs=measure_procs)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point: run the app, turning RanncError into one clear line and exit code 2."""
     try:
         app(args=argv, standalone_mode=False)
     except RanncError as exc:
+        if exc.cause is not None and os.environ.get("RANNC_DEBUG"):
+            import traceback
+
+            traceback.print_exception(exc.cause)
         typer.echo(f"error: {exc.one_line()}", err=True)
         return exc.exit_code
     except typer.Exit as exc:

@@ -15,10 +15,11 @@ class RanncError(Exception):
 
     exit_code = 2
 
-    def __init__(self, message: str, hint: str | None = None):
+    def __init__(self, message: str, hint: str | None = None, cause: BaseException | None = None):
         super().__init__(message)
         self.message = message
         self.hint = hint
+        self.cause = cause  # the underlying exception; `RANNC_DEBUG=1 rannc ...` prints its traceback
 
     def one_line(self) -> str:
         text = self.message if not self.hint else f"{self.message}; {self.hint}"

@@ -1,0 +1,302 @@
+"""Capture a model's forward into an ATen-level graph with torch.export (non-strict).
+
+    captured = capture(model, (x, y), {"padding": mask})
+    captured.graph            # functional ATen graph (torch.fx.Graph)
+    captured.batch_size       # 32; captured.dynamic_batch tells if the batch dim stayed symbolic
+    captured.flatten_inputs((x, y), {"padding": mask})   # {placeholder name: value}
+
+The batch dimension (dim 0 of every tensor input) is marked ``Dim.AUTO``, so the graph stays
+valid for any microbatch size where the model allows it; torch.export specialises silently where
+it does not. In-place operations are functionalised, buffer updates (BatchNorm running stats)
+become explicit outputs, parameters shared between modules resolve to one parameter name.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import logging
+import warnings
+from contextlib import contextmanager, redirect_stderr
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.export import Dim, ExportedProgram
+from torch.export.graph_signature import InputKind, OutputKind
+from torch.utils import _pytree as pytree
+
+from rannc_cli.errors import RanncError
+
+
+@dataclass
+class UserInput:
+    """One leaf of the user's (args, kwargs)."""
+
+    placeholder: str  # graph placeholder name
+    path: str  # e.g. "args[0]" or "kwargs['padding']"
+    is_tensor: bool
+    constant: Any = None  # captured value of a non-tensor leaf
+    batch_dim: int | None = None
+
+
+@dataclass
+class CapturedModel:
+    model: nn.Module
+    program: ExportedProgram
+    batch_size: int
+    dynamic_batch: bool
+    batch_symbol: Any  # sympy symbol of the batch dimension, or None
+    inputs: list[UserInput]
+    in_spec: Any  # pytree spec of (args, kwargs)
+    param_names: dict[str, str]  # placeholder -> canonical parameter/buffer/constant name
+    param_kinds: dict[str, str]  # canonical name -> 'parameter' | 'buffer' | 'constant'
+    buffer_mutations: dict[str, str]  # output node name -> canonical buffer name
+    loss_node: str
+    aliases: dict[str, list[str]] = field(default_factory=dict)  # canonical name -> other names (tied)
+    training: bool = True
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.program.graph_module.graph
+
+    def node(self, name: str) -> fx.Node:
+        return self._nodes[name]
+
+    def __post_init__(self) -> None:
+        self._nodes = {n.name: n for n in self.graph.nodes}
+
+    def tensor_of(self, canonical: str) -> torch.Tensor:
+        """The live parameter, buffer or lifted constant behind a canonical name."""
+        kind = self.param_kinds[canonical]
+        if kind == "parameter":
+            return self.model.get_parameter(canonical)
+        if kind == "buffer":
+            return self.model.get_buffer(canonical)
+        return self.program.constants[canonical]
+
+    def flatten_inputs(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """Map the user's batch onto the graph's input placeholders (checks structure and constants)."""
+        ordered = _order_kwargs(kwargs, self.in_spec)
+        leaves, spec = pytree.tree_flatten((tuple(args), ordered))
+        if spec != self.in_spec:
+            raise RanncError(
+                "the model was called with a different argument structure than at capture "
+                f"(captured {_describe_spec(self.in_spec)}, now {_describe_spec(spec)})",
+                hint="call the model with the same positional/keyword arguments every step")
+        values: dict[str, Any] = {}
+        for leaf, inp in zip(leaves, self.inputs):
+            if inp.is_tensor:
+                if not isinstance(leaf, torch.Tensor):
+                    raise RanncError(f"input {inp.path} was a tensor at capture, now {type(leaf).__name__}")
+                leaf = leaf.contiguous()  # the graph was traced on contiguous copies
+            elif leaf != inp.constant:
+                raise RanncError(f"input {inp.path} changed from {inp.constant!r} at capture to {leaf!r}",
+                                 hint="non-tensor arguments are baked into the captured graph; keep them fixed")
+            values[inp.placeholder] = leaf
+        return values
+
+
+def _order_kwargs(kwargs: dict, in_spec: Any) -> dict:
+    try:
+        keys = in_spec.child(1).context
+    except (AttributeError, IndexError):
+        return dict(kwargs)
+    if set(keys) != set(kwargs):
+        return dict(kwargs)
+    return {k: kwargs[k] for k in keys}
+
+
+def _describe_spec(spec: Any) -> str:
+    return " ".join(str(spec).split())[:200]
+
+
+def _leaf_paths(args: tuple, kwargs: dict) -> list[str]:
+    paths, _ = pytree.tree_flatten_with_path((tuple(args), kwargs))
+    out = []
+    for keypath, _leaf in paths:
+        text = pytree.keystr(keypath)  # like "[0][1]['x']"
+        head, _, rest = text[1:].partition("]")
+        out.append(("args" if head == "0" else "kwargs") + rest)
+    return out
+
+
+def _dynamic_batch_spec(forward: Any, args: tuple, kwargs: dict) -> Any:
+    bound = inspect.signature(forward).bind(*args, **kwargs)
+    def spec(v: Any) -> Any:
+        return {0: Dim.AUTO} if isinstance(v, torch.Tensor) and v.dim() > 0 else None
+    return {name: pytree.tree_map(spec, value) for name, value in bound.arguments.items()}
+
+
+def guess_batch_size(args: tuple, kwargs: dict) -> int:
+    """The most common leading size among tensor inputs (ties: the first tensor's)."""
+    sizes = [t.shape[0] for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() > 0]
+    if not sizes:
+        raise RanncError("the model's inputs contain no tensor with a batch dimension",
+                         hint="pass the batch as tensors whose first dimension is the batch")
+    return max(sizes, key=lambda s: (sizes.count(s), -sizes.index(s)))
+
+
+def capture(model: nn.Module, args: tuple, kwargs: dict | None = None, dynamic: bool = True) -> CapturedModel:
+    """Export ``model(*args, **kwargs)`` (which must return a scalar loss) to a functional ATen graph."""
+    from rannc_cli.graph.diagnose import diagnose_export_failure, module_tracker
+
+    kwargs = dict(kwargs or {})
+    args = tuple(args)
+    batch_size = guess_batch_size(args, kwargs)
+    # Export sees private contiguous copies: inputs that are views of one storage (x[:, :-1] and
+    # x[:, 1:]) otherwise make torch.export add aliasing guards that break decomposition.
+    args, kwargs = pytree.tree_map(
+        lambda t: t.detach().clone(memory_format=torch.contiguous_format).requires_grad_(t.requires_grad)
+        if isinstance(t, torch.Tensor) else t, (args, kwargs))
+    program = None
+    with warnings.catch_warnings(), quiet_torch_logs():
+        warnings.simplefilter("ignore")
+        attempts = [True, False] if dynamic else [False]
+        last_error: BaseException | None = None
+        for use_dynamic in attempts:
+            try:
+                dyn = _dynamic_batch_spec(model.forward, args, kwargs) if use_dynamic else None
+            except TypeError as exc:
+                raise RanncError(f"the model's forward does not accept these arguments ({exc})") from None
+            tracker = module_tracker(model)
+            try:
+                with tracker:
+                    program = torch.export.export(model, args, kwargs, dynamic_shapes=dyn, strict=False)
+                program = program.run_decompositions({})
+                break
+            except Exception as exc:  # noqa: BLE001 - every failure becomes a diagnosis
+                last_error = exc
+                if not use_dynamic or not _is_dynamic_shape_failure(exc):
+                    raise diagnose_export_failure(exc, tracker.failure_stack, model) from None
+        if program is None:
+            assert last_error is not None
+            raise diagnose_export_failure(last_error, [], model) from None
+    return _describe_program(model, program, args, kwargs, batch_size)
+
+
+@contextmanager
+def quiet_torch_logs():
+    """Silence torch's logging and its stderr graph dumps on export failures while capturing."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        with redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logging.disable(previous)
+
+
+def _is_dynamic_shape_failure(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__}: {exc}"
+    return any(s in text for s in ("Constraint", "constraint", "specializ", "dynamic", "Dim"))
+
+
+def _describe_program(model: nn.Module, program: ExportedProgram, args: tuple, kwargs: dict,
+                      batch_size: int) -> CapturedModel:
+    sig = program.graph_signature
+    canonical: dict[int, str] = {}
+    aliases: dict[str, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in canonical:
+            aliases.setdefault(canonical[id(p)], []).append(name)
+        else:
+            canonical[id(p)] = name
+    for name, b in model.named_buffers(remove_duplicate=False):
+        canonical.setdefault(id(b), name)
+
+    param_names: dict[str, str] = {}
+    param_kinds: dict[str, str] = {}
+    user_placeholders: list[str] = []
+    for spec in sig.input_specs:
+        ph = spec.arg.name
+        if spec.kind == InputKind.PARAMETER:
+            name = canonical[id(model.get_parameter(spec.target))]
+            kind = "parameter"
+        elif spec.kind == InputKind.BUFFER:
+            name = canonical[id(model.get_buffer(spec.target))]
+            kind = "buffer"
+        elif spec.kind in (InputKind.CONSTANT_TENSOR, InputKind.CUSTOM_OBJ):
+            name, kind = spec.target, "constant"
+        elif spec.kind == InputKind.USER_INPUT:
+            user_placeholders.append(ph)
+            continue
+        else:
+            raise RanncError(f"unsupported graph input kind {spec.kind}", hint="please report this model")
+        param_names[ph] = name
+        param_kinds[name] = kind
+
+    buffer_mutations: dict[str, str] = {}
+    user_outputs: list[str] = []
+    for spec in sig.output_specs:
+        if spec.kind == OutputKind.BUFFER_MUTATION:
+            buffer_mutations[spec.arg.name] = canonical[id(model.get_buffer(spec.target))]
+        elif spec.kind == OutputKind.USER_OUTPUT:
+            user_outputs.append(spec.arg.name)
+        elif spec.kind == OutputKind.USER_INPUT_MUTATION:
+            raise RanncError("the model's forward modifies one of its inputs in place",
+                             hint="clone the input inside forward before modifying it")
+        else:
+            raise RanncError(f"the model's forward produces an unsupported output kind ({spec.kind.name})",
+                             hint="forward must return only the loss")
+    nodes = {n.name: n for n in program.graph.nodes}
+    if len(user_outputs) != 1 or not _is_scalar_tensor(nodes.get(user_outputs[0])):
+        raise RanncError("the model's forward must return the loss as a single scalar tensor "
+                         f"(it returned {len(user_outputs)} value(s))",
+                         hint="compute the loss inside forward and return only it")
+
+    leaves, in_spec = pytree.tree_flatten((args, _order_kwargs(kwargs, program.call_spec.in_spec)))
+    paths = _leaf_paths(args, _order_kwargs(kwargs, program.call_spec.in_spec))
+    if len(leaves) != len(user_placeholders):
+        raise RanncError("could not match the model's inputs to the captured graph", hint="please report this model")
+    batch_symbol = _batch_symbol([nodes[p] for p in user_placeholders], batch_size)
+    inputs = []
+    for leaf, ph, path in zip(leaves, user_placeholders, paths):
+        is_tensor = isinstance(leaf, torch.Tensor)
+        inputs.append(UserInput(
+            placeholder=ph, path=path, is_tensor=is_tensor, constant=None if is_tensor else leaf,
+            batch_dim=(batch_dim_of(nodes[ph], batch_symbol, batch_size) if batch_symbol is not None
+                       else 0 if leaf.dim() > 0 and leaf.shape[0] == batch_size else None) if is_tensor else None))
+    return CapturedModel(
+        model=model, program=program, batch_size=batch_size, dynamic_batch=batch_symbol is not None,
+        batch_symbol=batch_symbol, inputs=inputs, in_spec=in_spec, param_names=param_names,
+        param_kinds=param_kinds, buffer_mutations=buffer_mutations, loss_node=user_outputs[0],
+        aliases=aliases, training=model.training)
+
+
+def _is_scalar_tensor(node: fx.Node | None) -> bool:
+    val = node.meta.get("val") if node is not None else None
+    return isinstance(val, torch.Tensor) and val.dim() == 0
+
+
+def _batch_symbol(placeholders: list[fx.Node], batch_size: int) -> Any:
+    """The symbol of the batch dimension: dim 0 of the tensor inputs, if it stayed symbolic."""
+    counts: dict[Any, int] = {}
+    for node in placeholders:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.dim() > 0 and isinstance(val.shape[0], torch.SymInt):
+            expr = val.shape[0].node.expr
+            if getattr(expr, "is_Symbol", False) and _hint(val.shape[0]) == batch_size:
+                counts[expr] = counts.get(expr, 0) + 1
+    return max(counts, key=counts.get) if counts else None
+
+
+def _hint(size: Any) -> int | None:
+    if isinstance(size, int):
+        return size
+    try:
+        return int(size.node.hint)
+    except (TypeError, AttributeError):
+        return None
+
+
+def batch_dim_of(node: fx.Node, batch_symbol: Any, batch_size: int) -> int | None:
+    """First dimension of a node's tensor value that depends on the batch symbol."""
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor) or batch_symbol is None:
+        return None
+    for i, size in enumerate(val.shape):
+        if isinstance(size, torch.SymInt) and batch_symbol in size.node.expr.free_symbols:
+            return i
+    return None
