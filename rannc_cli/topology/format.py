@@ -86,7 +86,7 @@ def default_links() -> dict[str, Link]:
 class Topology:
     """A cluster's nodes and link costs; see docs/topology-format.md for every key."""
 
-    nodes: list[Node]
+    nodes: list[Node]                   # usable nodes (what the planner plans for)
     links: dict[str, Link] = field(default_factory=default_links)
     fingerprint: str = ""
     scheduler: str = "local"            # slurm | pbs | local (or the site's unsupported scheduler)
@@ -97,9 +97,11 @@ class Topology:
     measurement: dict[str, Any] | None = None                        # what --measure ran
     notes: list[str] = field(default_factory=list)
     created: str = ""
+    unavailable_nodes: list[Node] = field(default_factory=list)       # down, drained, offline: shown, not planned for
 
     def __post_init__(self) -> None:
         self.nodes = [n if isinstance(n, Node) else Node(n) for n in self.nodes]
+        self.unavailable_nodes = [n if isinstance(n, Node) else Node(n) for n in self.unavailable_nodes]
         self.links = {k: v if isinstance(v, Link) else Link(v) for k, v in self.links.items()}
         for kind, link in default_links().items():
             self.links.setdefault(kind, link)
@@ -143,6 +145,7 @@ class Topology:
             "site": self.site,
             "discovery": dict(self.discovery),
             "nodes": [_plain(n) for n in self.nodes],
+            "unavailable_nodes": [_plain(n) for n in self.unavailable_nodes],
             "links": {k: _plain(self.links[k]) for k in [*LINK_KINDS, *sorted(set(self.links) - set(LINK_KINDS))]},
             "partitions": [_plain(p) for p in self.partitions],
             "allocation": list(self.allocation) if self.allocation is not None else None,
@@ -186,6 +189,7 @@ class Topology:
             measurement=data.get("measurement"),
             notes=list(data.get("notes") or []),
             created=str(data.get("created") or ""),
+            unavailable_nodes=[Node(n) for n in data.get("unavailable_nodes") or [] if isinstance(n, Mapping)],
         )
         stated = data.get("fingerprint")
         if stated and stated != topo.fingerprint:
