@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from testbed.fixtures import slurm_cluster, slurm_login_node, sshd_server  # noqa: F401  (testbed fixtures, started lazily)
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 
