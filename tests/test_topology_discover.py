@@ -180,3 +180,66 @@ def test_discovered_links_from_hardware():
     assert links["inter_node"].bandwidth == 25e9
     node["gpu_pairs"] = {"0-1": "PHB"}
     assert "intra_node" not in discovered_links(node)
+
+
+# ------------------------------------------------------------------ NVML logic (no GPU here: a stand-in library)
+class _FakeNVML:
+    """Stands in for pynvml (no GPU or driver exists on the CI machine): 4 GPUs, either wired
+    pairwise by NVLink (0-1 and 2-3, 2 links each) or all through NVSwitches (``switch=True``)."""
+
+    NVML_NVLINK_MAX_LINKS = 6
+    NVML_FEATURE_ENABLED = 1
+
+    def __init__(self, switch: bool):
+        self.switch = switch
+        self.bus = [f"00000000:{b}:00.0" for b in ("07", "0F", "47", "4E")]
+
+    class _Obj:
+        def __init__(self, **kw):
+            self.__dict__.update(kw)
+
+    def nvmlDeviceGetCount(self):
+        return 4
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return i
+
+    def nvmlDeviceGetName(self, h):
+        return "NVIDIA A100-SXM4-40GB"
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        return self._Obj(total=40 << 30)
+
+    def nvmlDeviceGetCudaComputeCapability(self, h):
+        return (8, 0)
+
+    def nvmlDeviceGetPciInfo(self, h):
+        return self._Obj(busId=self.bus[h])
+
+    def nvmlDeviceGetNvLinkState(self, h, link):
+        if not self.switch and link >= 2:
+            raise RuntimeError("NVML_ERROR_NOT_SUPPORTED")
+        return 1
+
+    def nvmlDeviceGetNvLinkRemotePciInfo(self, h, link):
+        if self.switch:
+            return self._Obj(busId=f"00000000:C{link}:00.0")        # an NVSwitch, not a GPU
+        return self._Obj(busId=self.bus[h ^ 1].lower().replace("00000000", "0000"))
+
+    def nvmlDeviceGetTopologyCommonAncestor(self, a, b):
+        return 40 if a // 2 == b // 2 else 50
+
+
+def test_nvml_pairwise_nvlink_and_common_ancestors():
+    gpus, pairs, status = nvml._probe(_FakeNVML(switch=False))
+    assert status == "ok" and len(gpus) == 4
+    assert gpus[0]["compute_capability"] == "8.0" and gpus[0]["memory_bytes"] == 40 << 30
+    assert gpus[0]["nvlinks"] == {1: 2} and gpus[3]["nvlinks"] == {2: 2}
+    assert pairs == {"0-1": "NV2", "2-3": "NV2", "0-2": "SYS", "0-3": "SYS", "1-2": "SYS", "1-3": "SYS"}
+
+
+def test_nvml_nvswitch_counts_as_nvlink_between_every_pair():
+    gpus, pairs, _ = nvml._probe(_FakeNVML(switch=True))
+    assert all(g["nvswitch_links"] == 6 for g in gpus) and set(pairs.values()) == {"NV6"} and len(pairs) == 6
+    node = Node(name="x", gpus=4, gpu_pairs=pairs, gpu_devices=gpus)
+    assert discovered_links(node)["intra_node"].bandwidth == 6 * 25e9

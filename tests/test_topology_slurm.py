@@ -112,3 +112,13 @@ def test_measure_runs_a_real_two_node_gloo_job(slurm_cluster, tmp_path):
         assert link["source"] == "measured", kind
         assert 1e6 < link["bandwidth"] < 1e12 and 0 < link["latency"] < 0.1, (kind, link)
     assert "measured with gloo over 2 node(s) x 2 process(es)" in res.stdout
+
+
+def test_run_on_a_compute_node_adds_that_nodes_own_facts(slurm_cluster, tmp_path):
+    _, topo = _topology(slurm_cluster, tmp_path, "--scheduler", "slurm",
+                        prefix=("srun", "-N", "1", "-w", "n2", "-p", "gpu", "--time=5"))
+    assert topo["allocation"] == ["n2"]
+    (n2,) = topo["nodes"]                       # inside a job: the job's nodes only
+    assert topo["discovery"]["nvml"].startswith(("unavailable", "ok"))     # NVML was asked on the node itself
+    assert n2["name"] == "n2" and n2["numa_nodes"] >= 1                    # and its sysfs facts were added
+    assert n2["gpus"] == 4 and n2["memory_bytes"] == 1000 << 20           # the scheduler's view stays

@@ -67,23 +67,29 @@ def _probe(nv: Any) -> tuple[list[dict[str, Any]], dict[str, str], str]:
         except Exception:
             pass
         gpus.append(gpu)
+    switch_links: dict[int, int] = {}    # active links whose far end is not a GPU: an NVSwitch
     for i, h in enumerate(handles):
         links: dict[int, int] = {}
         for link in range(getattr(nv, "NVML_NVLINK_MAX_LINKS", 18)):
             try:
                 if nv.nvmlDeviceGetNvLinkState(h, link) != getattr(nv, "NVML_FEATURE_ENABLED", 1):
                     continue
-                peer = bus_to_index.get(_norm_bus(_text(nv.nvmlDeviceGetNvLinkRemotePciInfo(h, link).busId)))
+                remote = _norm_bus(_text(nv.nvmlDeviceGetNvLinkRemotePciInfo(h, link).busId))
             except Exception:   # link not supported / GPU without NVLink
                 continue
-            if peer is not None:
+            peer = bus_to_index.get(remote)
+            if peer is None:
+                switch_links[i] = switch_links.get(i, 0) + 1
+            else:
                 links[peer] = links.get(peer, 0) + 1
         if links:
             gpus[i]["nvlinks"] = links
+        if switch_links.get(i):
+            gpus[i]["nvswitch_links"] = switch_links[i]
     pairs: dict[str, str] = {}
     for i in range(count):
         for j in range(i + 1, count):
-            nvl = gpus[i].get("nvlinks", {}).get(j)
+            nvl = gpus[i].get("nvlinks", {}).get(j) or min(switch_links.get(i, 0), switch_links.get(j, 0))
             if nvl:
                 pairs[f"{i}-{j}"] = f"NV{nvl}"
                 continue

@@ -11,6 +11,7 @@ the test is skipped with the reason.
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 
@@ -32,7 +33,7 @@ def _start(what: str, starter):
         _unavailable(what, _failures[what])
     try:
         return starter()
-    except (TestbedUnavailable, OSError, RuntimeError) as exc:
+    except (TestbedUnavailable, OSError, RuntimeError, subprocess.SubprocessError) as exc:
         _unavailable(what, " ".join(str(exc).split()))
 
 
