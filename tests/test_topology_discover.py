@@ -243,3 +243,43 @@ def test_nvml_nvswitch_counts_as_nvlink_between_every_pair():
     assert all(g["nvswitch_links"] == 6 for g in gpus) and set(pairs.values()) == {"NV6"} and len(pairs) == 6
     node = Node(name="x", gpus=4, gpu_pairs=pairs, gpu_devices=gpus)
     assert discovered_links(node)["intra_node"].bandwidth == 6 * 25e9
+
+
+# ------------------------------------------------------------------ PBS end to end (no PBS server exists here:
+# a `pbsnodes` on PATH prints the recorded outputs of tests/data/topology/pbs/; everything else is real)
+DATA = os.path.join(os.path.dirname(__file__), "data", "topology", "pbs")
+
+
+def _fake_pbsnodes(tmp_path, text_file: str, json_file: str | None):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    json_branch = f'cat "{DATA}/{json_file}"' if json_file else 'echo "pbsnodes: invalid option -- \'F\'" >&2; exit 2'
+    script = bin_dir / "pbsnodes"
+    script.write_text(f'#!/bin/sh\ncase "$*" in *"-F json"*) {json_branch} ;; *) cat "{DATA}/{text_file}" ;; esac\n')
+    script.chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+def test_pbs_json_form_with_allocation_and_site(tmp_path):
+    env = _fake_pbsnodes(tmp_path, "pbspro-19.1-gpu-vnodes.txt", "openpbs-2022.1-gpu.json")
+    nodefile = tmp_path / "nodefile"
+    nodefile.write_text("x1000c0s1b0n0.hsn.cluster.example\n" * 4 + "x1000c0s1b1n0.hsn.cluster.example\n" * 4)
+    env["PBS_NODEFILE"] = str(nodefile)
+    res, topo = _topology(tmp_path, "--site", "generic-slurm-gpu", "--scheduler", "pbs", env=env)
+    assert res.returncode == 0, res.stderr
+    assert topo["scheduler"] == "pbs" and topo["allocation"] == ["x1000c0s1b0n0", "x1000c0s1b1n0"]
+    assert [n["name"] for n in topo["nodes"]] == ["x1000c0s1b0n0", "x1000c0s1b1n0"]
+    assert topo["nodes"][0]["gpu_model"] == "A100" and topo["nodes"][0]["sources"]["gpu_model"] == "discovered"
+    assert any("GPU 'A100' found, site generic-slurm-gpu says" in n for n in topo["notes"])
+
+
+def test_pbs_text_form_auto_detected_with_queue_filter(tmp_path):
+    env = _fake_pbsnodes(tmp_path, "pbspro-19.1-gpu-vnodes.txt", None)      # an old PBS without -F json
+    res, topo = _topology(tmp_path, "--partition", "gpu_long", env=env)
+    assert res.returncode == 0, res.stderr
+    assert topo["scheduler"] == "pbs"
+    assert [n["name"] for n in topo["nodes"]] == ["gpu0001", "gpu0002"]
+    assert [n["name"] for n in topo["unavailable_nodes"]] == ["gpu0003", "gpu0004"]
+    assert "GPU 2 ECC errors" in res.stdout
+    res, _ = _topology(tmp_path, "--partition", "nosuch", env=env)
+    assert res.returncode == 2 and "no node of local lists queue 'nosuch'" in res.stderr
