@@ -33,7 +33,7 @@ def test_local_discovery_works_without_nvml_or_with_it(tmp_path):
     assert topo["discovery"]["nvml"] == status
     if status.startswith("unavailable"):        # the CPU-only case (no driver / no library): no crash, no GPUs
         assert node["gpus"] == 0 and node["gpu_model"] == "" and "gpu_devices" not in node
-        assert "NVML: unavailable" in res.stdout
+        assert "GPU probe: unavailable" in res.stdout
     else:
         assert node["gpus"] == len(gpus) and node["gpu_memory_bytes"] > 0
     assert Topology.load(tmp_path / "topo.yaml").fingerprint == topo["fingerprint"]

@@ -98,7 +98,7 @@ def render(topo: Topology, path: str) -> str:
     if any((n.get("sources") or {}).get(k) == "config" for n in topo.nodes for k in n.get("sources") or {}):
         lines.append("* from the site config; everything else was discovered")
     if topo.discovery.get("nvml"):
-        lines.append(f"NVML: {topo.discovery['nvml']}")
+        lines.append(f"GPU probe: {topo.discovery['nvml']}")
     lines += [f"note: {note}" for note in topo.notes]
     lines.append(f"wrote {path}")
     return "\n".join(lines)
