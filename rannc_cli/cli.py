@@ -75,6 +75,34 @@ def profile(
     )
 
 
+# --------------------------------------------------------------------------- plan
+@app.command("plan")
+def plan_cmd(
+    profile: Path = typer.Option(..., "--profile", "-p", help="Profile file written by `rannc profile`."),
+    nodes: Optional[int] = typer.Option(None, "--nodes", help="Nodes to plan for."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", help="GPUs per node."),
+    mem_per_gpu: Optional[str] = typer.Option(None, "--mem-per-gpu", help="Memory per GPU, e.g. 16GiB (default: the topology's, the profiled GPU's, else 16GiB)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch size (default: the profiled batch)."),
+    topology: Optional[Path] = typer.Option(None, "--topology", help="Topology file (`rannc topology --out`): nodes, GPUs and measured link costs."),
+    stages: Optional[int] = typer.Option(None, "--stages", help="Force the number of pipeline stages."),
+    replicas: Optional[str] = typer.Option(None, "--replicas", help="Force replicas per stage, e.g. 4,2,2 (implies --stages)."),
+    microbatches: Optional[int] = typer.Option(None, "--microbatches", help="Force the number of microbatches."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="Force the schedule: 1f1b or gpipe."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the plan file (docs/plan-format.md)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan, prediction and baselines as JSON."),
+    timeline: Optional[Path] = typer.Option(None, "--timeline", help="Draw the simulated schedule to this PNG."),
+    explain: bool = typer.Option(False, "--explain", help="List the next-best alternatives and why they lost."),
+    exhaustive: bool = typer.Option(False, "--exhaustive", help="Price every plan (at most 12 blocks and 8 GPUs) instead of the DP."),
+    evaluate: Optional[Path] = typer.Option(None, "--evaluate", help="Re-price an existing plan file on this profile and cluster instead of searching."),
+) -> None:
+    """Search stage boundaries, replicas per stage, placement, microbatches and schedule for the fastest step."""
+    from rannc_cli.planner.command import plan_command
+
+    plan_command(profile=profile, nodes=nodes, gpus=gpus, mem_per_gpu=mem_per_gpu, batch_size=batch_size,
+                 topology=topology, stages=stages, replicas=replicas, microbatches=microbatches, schedule=schedule,
+                 out=out, as_json=as_json, timeline=timeline, explain=explain, exhaustive=exhaustive, evaluate=evaluate)
+
+
 # --------------------------------------------------------------------------- config
 @app.command("config")
 def config_cmd(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:

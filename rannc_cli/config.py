@@ -52,6 +52,16 @@ REGISTRY: dict[str, Setting] = {
         Setting("device_spec", "", "Estimate mode: device spec name from configs/devices.yaml (empty: the current device's, else the generic CPU).", str),
         Setting("memory_margin", 0.1, "Planner: fraction of GPU memory kept free.", float),
         Setting("optimizer_state_factor", 2.0, "Planner: optimizer state bytes per parameter byte (Adam: 2).", float),
+        Setting("link_intra_bandwidth", 12e9, "Planner without a topology file: GPU-to-GPU bytes/s inside a node (default: PCIe 3.0 x16 peer-to-peer).", float),
+        Setting("link_intra_latency", 10e-6, "Planner without a topology file: seconds per message inside a node.", float),
+        Setting("link_inter_bandwidth", 12.5e9, "Planner without a topology file: GPU-to-GPU bytes/s between nodes (default: 100 Gb/s InfiniBand).", float),
+        Setting("link_inter_latency", 20e-6, "Planner without a topology file: seconds per message between nodes.", float),
+        Setting("allreduce_intra_bandwidth", 10e9, "Planner without a topology file: ring all-reduce bus bytes/s inside a node.", float),
+        Setting("allreduce_intra_latency", 20e-6, "Planner without a topology file: seconds per ring step inside a node.", float),
+        Setting("allreduce_inter_bandwidth", 10e9, "Planner without a topology file: ring all-reduce bus bytes/s across nodes.", float),
+        Setting("allreduce_inter_latency", 40e-6, "Planner without a topology file: seconds per ring step across nodes.", float),
+        Setting("planner_max_units", 32, "Planner: coarsen the profile's blocks to at most this many units before the search.", int),
+        Setting("planner_max_microbatches", 256, "Planner: largest microbatch count the search tries.", int),
     ]
 }
 

@@ -1,0 +1,110 @@
+"""The plans a user would otherwise pick, priced with the same cost model and simulator.
+
+    results = evaluate_baselines(cost_model, space)      # {name: Baseline(plan, simulation) or None}
+
+- ``data-parallel``: one stage on every GPU (gradient accumulation over M microbatches), if it fits;
+- ``uniform``: S stages with equal block counts (DeepSpeed ``partition_method='uniform'``);
+- ``parameters``: S stages balancing parameter bytes (DeepSpeed's default ``'parameters'``);
+- ``time``: S stages balancing forward+backward time (torchgpipe ``balance_by_time``).
+
+Every stage gets the same replica count ``GPUs / S`` (laid out contiguously); checkpointing is
+switched on for a stage only when it does not fit otherwise. Each heuristic gets its best S and M
+(by the objective, then the simulator among the three best), which is generous to the baselines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from rannc_cli.planner.costmodel import CostModel, in_flight
+from rannc_cli.planner.placement import allreduce_link, contiguous, link_in
+from rannc_cli.planner.plan import Plan, StagePlan, plan_objective
+from rannc_cli.planner.simulate import Simulation, simulate
+
+NAMES = ("data-parallel", "uniform", "parameters", "time")
+
+
+@dataclass
+class Baseline:
+    name: str
+    plan: Plan
+    simulation: Simulation
+
+
+def balanced_split(weights: list[float], parts: int) -> list[int]:
+    """Boundaries [0, ..., n] of ``parts`` non-empty contiguous groups minimising the largest group sum."""
+    n = len(weights)
+    cs = np.concatenate([[0.0], np.cumsum(np.asarray(weights, dtype=float))])
+    best = np.full((parts + 1, n + 1), np.inf)
+    arg = np.zeros((parts + 1, n + 1), dtype=int)
+    best[0, 0] = 0.0
+    for p in range(1, parts + 1):
+        for e in range(p, n + 1):
+            a = np.arange(p - 1, e)
+            vals = np.maximum(best[p - 1, a], cs[e] - cs[a])
+            i = int(np.argmin(vals))
+            best[p, e], arg[p, e] = vals[i], a[i]
+    bounds = [n]
+    for p in range(parts, 0, -1):
+        bounds.append(int(arg[p, bounds[-1]]))
+    return bounds[::-1]
+
+
+def _weights(cm: CostModel, how: str) -> list[float]:
+    prof = cm.profile
+    if how == "parameters":
+        return [float(sum(prof.parameters[p].bytes for p in b.params)) for b in prof.blocks]
+    fwd, bwd, _, _, _ = cm.block_arrays(max(1, cm.microbatch(1)))
+    return [float(f + b) for f, b in zip(fwd, bwd)]
+
+
+def _plan(cm: CostModel, bounds: list[int], replicas: int, m: int) -> Plan | None:
+    cl = cm.cluster
+    layout = contiguous([replicas] * (len(bounds) - 1), cl.gpus_per_node, cl.devices)
+    if layout is None:
+        return None
+    stages = []
+    prev = None
+    n = len(bounds) - 1
+    for i in range(n):
+        c = cm.best_stage_cost(bounds[i], bounds[i + 1], replicas, m, link_in(prev, layout[i]), allreduce_link(layout[i]),
+                               in_flight("1f1b", m, n, i))
+        if not c.feasible:
+            return None
+        stages.append(StagePlan(bounds[i], bounds[i + 1], replicas, layout[i], c.checkpoint))
+        prev = layout[i]
+    return Plan("1f1b", m, cm.batch_size, stages)
+
+
+def evaluate_baselines(cm: CostModel, microbatches: list[int]) -> dict[str, Baseline | None]:
+    """Best configuration of each heuristic, or None where no configuration fits."""
+    n, total = cm.n, cm.cluster.devices
+    out: dict[str, Baseline | None] = {}
+    for name in NAMES:
+        options: list[tuple[float, Plan]] = []
+        stage_counts = [1] if name == "data-parallel" else [s for s in range(2, min(n, total) + 1) if total % s == 0]
+        weights = None if name in ("data-parallel", "uniform") else _weights(cm, name)
+        for s in stage_counts:
+            if name == "data-parallel":
+                bounds = [0, n]
+            elif name == "uniform":
+                bounds = [round(i * n / s) for i in range(s + 1)]
+            else:
+                bounds = balanced_split(weights, s)  # type: ignore[arg-type]
+            r = total // s
+            for m in microbatches:
+                if r > cm.microbatch(m):
+                    continue
+                plan = _plan(cm, bounds, r, m)
+                if plan is not None:
+                    options.append((plan_objective(plan, cm), plan))
+        options.sort(key=lambda x: x[0])
+        sims = [(simulate(p, cm), p) for _, p in options[:3]]
+        if sims:
+            sim, plan = min(sims, key=lambda x: x[0].step_seconds)
+            out[name] = Baseline(name, plan, sim)
+        else:
+            out[name] = None
+    return out

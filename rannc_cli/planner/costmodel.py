@@ -1,0 +1,216 @@
+"""The cost model: time and memory of one pipeline stage, and the step-time objective of a plan.
+
+    cm = CostModel(profile, cluster, batch_size=256)
+    sc = cm.stage_cost(0, 12, replicas=4, microbatches=8, link_in=None, allreduce="intra",
+                       in_flight=3, checkpoint=False)
+    sc.forward, sc.backward, sc.allreduce, sc.memory     # seconds per microbatch, bytes per GPU
+    objective("1f1b", 8, [sc, ...])                      # predicted step seconds (see below)
+
+Per stage covering blocks ``start..end-1`` with ``r`` replicas, ``M`` microbatches, batch ``B``:
+- each replica computes a shard of ``ceil(ceil(B / M) / r)`` samples of every microbatch;
+- compute: sums of the profile's block costs at that shard (checkpointing: recompute backward);
+- p2p, charged to the receiving stage: a replica receives every value its blocks consume from
+  earlier stages (values skipping stages are sent directly, priced on this stage's input link),
+  then after its backward sends their gradients back: ``latency + bytes / bandwidth`` each way;
+  the link is intra-node when this stage and the previous one sit on one node, else inter-node;
+- all-reduce of the stage's trainable parameter gradients over its r replicas (ring):
+  ``2 (r-1)/r * bytes / bandwidth + 2 (r-1) * latency``, intra-node bandwidth when the replicas
+  share a node; it runs after the pipeline flush, all stages at once (no overlap with compute);
+- memory per GPU: parameters and buffers + gradients + optimizer state (trainable bytes x
+  ``optimizer_state_factor``) + in-flight microbatches x (saved activations + received inputs)
+  + the largest block's working peak; with checkpointing only the received inputs stay per
+  in-flight microbatch, plus one microbatch's activations during its recompute. In flight:
+  GPipe keeps all M; 1F1B keeps min(M, S - s) at stage s of S. Usable memory is the GPU's
+  memory x (1 - memory_margin).
+
+Objective (what the search minimises; the exhaustive search uses the same), F = forward + p2p in,
+Bw = backward + gradient send, U = F + Bw:
+- 1F1B: ``sum_s U_s + (M - 1) max_s U_s + max_s allreduce_s``
+- GPipe: ``sum_s U_s + (M - 1) (max_s F_s + max_s Bw_s) + max_s allreduce_s``
+The GPipe formula is exactly the event simulation of its schedule (simulate.py); for 1F1B it is
+the usual bubble formula, which the simulation refines (balanced stages agree exactly).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from rannc_cli.errors import RanncError
+from rannc_cli.planner.cluster import ClusterSpec
+from rannc_cli.profiler.format import Profile
+
+SCHEDULES = ("1f1b", "gpipe")
+_FLOAT_DTYPES = ("float", "bfloat", "half", "double", "complex")
+
+
+@dataclass(frozen=True)
+class StageCost:
+    forward: float  # seconds per microbatch: compute + receiving inputs
+    backward: float  # seconds per microbatch: (re)compute + sending input gradients
+    allreduce: float  # seconds per step
+    memory: float  # peak bytes per GPU
+    compute_forward: float
+    compute_backward: float
+    p2p_forward: float
+    p2p_backward: float
+    shard: int  # samples per replica per microbatch
+    checkpoint: bool
+    feasible: bool  # memory fits
+
+    @property
+    def total(self) -> float:
+        return self.forward + self.backward
+
+
+@dataclass(frozen=True)
+class RangeInfo:
+    param_bytes: int  # parameters and buffers read, each counted once
+    trainable_bytes: int
+    in_per_sample: int  # values received from earlier stages
+    in_fixed: int
+    grad_per_sample: int  # gradients of those values (floating tensors only)
+    grad_fixed: int
+
+
+def objective(schedule: str, microbatches: int, costs: list[StageCost]) -> float:
+    """Predicted step seconds of a plan (formula in the module doc)."""
+    if not costs:
+        return math.inf
+    total = sum(c.forward + c.backward for c in costs)
+    ar = max(c.allreduce for c in costs)
+    if schedule == "gpipe":
+        return total + (microbatches - 1) * (max(c.forward for c in costs) + max(c.backward for c in costs)) + ar
+    return total + (microbatches - 1) * max(c.forward + c.backward for c in costs) + ar
+
+
+def in_flight(schedule: str, microbatches: int, stages: int, index: int) -> int:
+    """Microbatches whose activations a stage holds at once: GPipe all, 1F1B min(M, S - s)."""
+    return microbatches if schedule == "gpipe" else min(microbatches, stages - index)
+
+
+class CostModel:
+    """Stage costs of one profile on one cluster at one global batch size."""
+
+    def __init__(self, profile: Profile, cluster: ClusterSpec, batch_size: int | None = None,
+                 memory_margin: float | None = None, optimizer_state_factor: float | None = None):
+        from rannc_cli.config import settings
+
+        self.profile = profile
+        self.cluster = cluster
+        self.batch_size = int(batch_size or profile.batch_size)
+        if self.batch_size < 1:
+            raise RanncError(f"batch size must be at least 1 (got {self.batch_size})")
+        self.margin = float(settings.get("memory_margin") if memory_margin is None else memory_margin)
+        self.opt_factor = float(settings.get("optimizer_state_factor") if optimizer_state_factor is None
+                                else optimizer_state_factor)
+        if not 0 <= self.margin < 1:
+            raise RanncError(f"memory_margin must be in [0, 1) (got {self.margin})", hint="fix RANNC_MEMORY_MARGIN")
+        if self.opt_factor < 0:
+            raise RanncError(f"optimizer_state_factor must be >= 0 (got {self.opt_factor})")
+        self.capacity = cluster.memory_per_gpu * (1.0 - self.margin)
+        self.n = len(profile.blocks)
+        self._block_arrays: dict[int, tuple[np.ndarray, ...]] = {}
+        self._ranges: dict[tuple[int, int], RangeInfo] = {}
+        self._float_value = {k: (v.is_tensor and any(t in v.dtype for t in _FLOAT_DTYPES))
+                             for k, v in profile.values.items()}
+
+    # ------------------------------------------------------------------ sizes
+    def microbatch(self, microbatches: int) -> int:
+        return -(-self.batch_size // microbatches)
+
+    def shard(self, microbatches: int, replicas: int) -> int:
+        return -(-self.microbatch(microbatches) // replicas)
+
+    # ------------------------------------------------------------------ per-block arrays
+    def block_arrays(self, shard: int) -> tuple[np.ndarray, ...]:
+        """(forward, backward, recompute_backward, activation, peak) per block at this shard size."""
+        if shard not in self._block_arrays:
+            per_class = {c.id: c.cost_at(shard) for c in self.profile.classes}
+            rows = [per_class[b.cls] for b in self.profile.blocks]
+            self._block_arrays[shard] = (
+                np.array([c.forward_seconds for c in rows], dtype=float),
+                np.array([c.backward_seconds for c in rows], dtype=float),
+                np.array([c.recompute_backward_seconds for c in rows], dtype=float),
+                np.array([c.activation_bytes for c in rows], dtype=float),
+                np.array([c.peak_bytes for c in rows], dtype=float),
+            )
+        return self._block_arrays[shard]
+
+    def range_info(self, start: int, end: int) -> RangeInfo:
+        """Parameters and received values of the blocks ``start..end-1``."""
+        key = (start, end)
+        info = self._ranges.get(key)
+        if info is None:
+            prof = self.profile
+            names = {p for b in range(start, end) for p in prof.blocks[b].params}
+            pbytes = sum(prof.parameters[p].bytes for p in names)
+            tbytes = sum(prof.parameters[p].bytes for p in names
+                         if prof.parameters[p].trainable and prof.parameters[p].kind == "parameter")
+            received = set()
+            for b in range(start, end):
+                for v in prof.blocks[b].inputs:
+                    producer = prof.values[v].producer
+                    if producer is not None and producer < start:
+                        received.add(v)
+            vals = [prof.values[v] for v in sorted(received)]
+            grads = [v for v in vals if self._float_value[v.id]]
+            info = RangeInfo(pbytes, tbytes, sum(v.bytes_per_sample for v in vals), sum(v.fixed_bytes for v in vals),
+                             sum(v.bytes_per_sample for v in grads), sum(v.fixed_bytes for v in grads))
+            self._ranges[key] = info
+        return info
+
+    # ------------------------------------------------------------------ one stage
+    def comm(self, nbytes: float, link: str | None) -> float:
+        if link is None or nbytes <= 0:
+            return 0.0
+        return self.cluster.links["intra_node" if link == "intra" else "inter_node"].seconds(nbytes)
+
+    def allreduce(self, nbytes: float, replicas: int, link: str) -> float:
+        if replicas <= 1 or nbytes <= 0:
+            return 0.0
+        lk = self.cluster.links["allreduce_intra" if link == "intra" else "allreduce_inter"]
+        return 2.0 * (replicas - 1) / replicas * nbytes / lk.bandwidth + 2.0 * (replicas - 1) * lk.latency
+
+    def static_memory(self, info: RangeInfo) -> float:
+        return float(info.param_bytes) + float(info.trainable_bytes) * (1.0 + self.opt_factor)
+
+    def stage_cost(self, start: int, end: int, replicas: int, microbatches: int, link_in: str | None,
+                   allreduce: str, in_flight: int, checkpoint: bool) -> StageCost:
+        """Cost of blocks ``start..end-1`` as one stage (see the module doc for every term)."""
+        m = self.shard(microbatches, replicas)
+        fwd, bwd, rec, act, peak = self.block_arrays(m)
+        info = self.range_info(start, end)
+        f = float(fwd[start:end].sum())
+        b = float((rec if checkpoint else bwd)[start:end].sum())
+        a = float(act[start:end].sum())
+        pk = float(peak[start:end].max()) if end > start else 0.0
+        in_b = float(info.in_fixed + info.in_per_sample * m)
+        grad_b = float(info.grad_fixed + info.grad_per_sample * m)
+        cf, cb = self.comm(in_b, link_in), self.comm(grad_b, link_in)
+        ar = self.allreduce(float(info.trainable_bytes), replicas, allreduce)
+        static = self.static_memory(info)
+        if checkpoint:
+            mem = static + in_flight * in_b + a + pk
+        else:
+            mem = static + in_flight * (a + in_b) + pk
+        return StageCost(f + cf, b + cb, ar, mem, f, b, cf, cb, m, checkpoint, bool(mem <= self.capacity))
+
+    def best_stage_cost(self, start: int, end: int, replicas: int, microbatches: int, link_in: str | None,
+                        allreduce: str, in_flight: int) -> StageCost:
+        """Without checkpointing when it fits, else with it (the search's choice); may be infeasible."""
+        plain = self.stage_cost(start, end, replicas, microbatches, link_in, allreduce, in_flight, False)
+        if plain.feasible:
+            return plain
+        ck = self.stage_cost(start, end, replicas, microbatches, link_in, allreduce, in_flight, True)
+        return ck if ck.feasible else plain
+
+    # ------------------------------------------------------------------ diagnostics
+    def min_block_memory(self, block: int) -> float:
+        """Smallest memory block ``block`` needs alone on one GPU: one sample, checkpointed, one in flight."""
+        return self.stage_cost(block, block + 1, 1, self.batch_size, None, "intra", 1, True).memory
+
+    def total_static_memory(self) -> float:
+        return self.static_memory(self.range_info(0, self.n))

@@ -1,0 +1,80 @@
+"""Exhaustive search: every plan of the search space, priced one by one (small problems only).
+
+    best, count = exhaustive(cost_model, bounds, space)     # Candidate with the least objective
+
+Enumerates every split of the units into stages, every replica count per stage, both placements
+the rule allows per stage (placement.py), every microbatch count and both schedules, and prices
+each plan with the scalar cost model (links from the device lists, checkpointing only where a
+stage does not fit without it). It shares no code with the DP beyond the cost model and the
+placement rule, so `search == exhaustive` checks the DP's recursion, bucketing and thresholds.
+"""
+
+from __future__ import annotations
+
+from rannc_cli.errors import RanncError
+from rannc_cli.planner.costmodel import SCHEDULES, CostModel, StageCost, in_flight, objective
+from rannc_cli.planner.placement import allreduce_link, devices, link_in, starts
+from rannc_cli.planner.search import Candidate, SearchSpace
+
+MAX_UNITS = 12
+MAX_DEVICES = 8
+
+
+def exhaustive(cm: CostModel, bounds: list[int], space: SearchSpace, all_schedules: bool = True) -> tuple[Candidate | None, int]:
+    """Best plan by brute force and the number of complete plans priced."""
+    units = len(bounds) - 1
+    if units > MAX_UNITS or cm.cluster.devices > MAX_DEVICES:
+        raise RanncError(f"--exhaustive handles at most {MAX_UNITS} blocks and {MAX_DEVICES} GPUs "
+                         f"(this problem: {units} blocks after coarsening, {cm.cluster.devices} GPUs)",
+                         hint="drop --exhaustive, or plan a smaller model or cluster")
+    g, total = cm.cluster.gpus_per_node, cm.cluster.devices
+    schedules = list(SCHEDULES) if all_schedules and space.schedules == ["1f1b"] else space.schedules
+    best: Candidate | None = None
+    count = 0
+    cache: dict[tuple, StageCost] = {}
+
+    def cost(a: int, e: int, r: int, m: int, lin: str | None, ar: str, k: int) -> StageCost:
+        key = (a, e, r, m, lin, ar, k)
+        if key not in cache:
+            cache[key] = cm.best_stage_cost(bounds[a], bounds[e], r, m, lin, ar, k)
+        return cache[key]
+
+    for schedule in schedules:
+        for m in space.microbatches:
+            reps = [r for r in space.replicas if r <= cm.microbatch(m)]
+            def leaf(layout: list[tuple[int, int, int, int]]) -> None:
+                nonlocal best, count
+                n = len(layout)
+                if space.stages is not None and n != space.stages:
+                    return
+                if space.forced_replicas is not None and [r for _, _, r, _ in layout] != list(space.forced_replicas):
+                    return
+                costs = []
+                prev = None
+                for i, (a, e, r, s) in enumerate(layout):
+                    devs = devices(s, r, g)
+                    c = cost(a, e, r, m, link_in(prev, devs), allreduce_link(devs), in_flight(schedule, m, n, i))
+                    if not c.feasible:
+                        return
+                    costs.append(c)
+                    prev = devs
+                count += 1
+                obj = objective(schedule, m, costs)
+                if best is None or obj < best.objective:
+                    best = Candidate(obj, schedule, m, tuple((bounds[a], bounds[e], r, s, c.checkpoint)
+                                                             for (a, e, r, s), c in zip(layout, costs)))
+
+            def walk(u: int, d: int, acc: list[tuple[int, int, int, int]]) -> None:
+                if u == units:
+                    leaf(acc)
+                    return
+                for e in range(u + 1, units + 1):
+                    for r in reps:
+                        for s in starts(d, r, g):
+                            if s + r <= total:
+                                acc.append((u, e, r, s))
+                                walk(e, s + r, acc)
+                                acc.pop()
+
+            walk(0, 0, [])
+    return best, count

@@ -1,0 +1,106 @@
+"""A plan: what the runtime executes (stages, replicas, devices, microbatches, schedule).
+
+    plan = Plan(schedule="1f1b", microbatches=8, batch_size=256,
+                stages=[StagePlan(0, 13, replicas=2, devices=[(0, 0), (0, 1)], checkpoint=False), ...])
+    plan.validate(n_blocks=26, cluster=spec)        # RanncError on any broken invariant
+    costs = stage_costs(plan, cost_model)           # StageCost per stage, links from the devices
+    objective(plan.schedule, plan.microbatches, costs)
+
+Stage ``s`` runs blocks ``start..end-1`` (contiguous in the profile's topological order, so data
+dependencies only go forward) on ``replicas`` GPUs; each replica takes an equal share of each
+microbatch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from rannc_cli.errors import RanncError
+from rannc_cli.planner.cluster import ClusterSpec
+from rannc_cli.planner.costmodel import SCHEDULES, CostModel, StageCost, in_flight, objective
+from rannc_cli.planner.placement import allreduce_link, link_in
+
+
+@dataclass
+class StagePlan:
+    start: int
+    end: int
+    replicas: int
+    devices: list[tuple[int, int]]
+    checkpoint: bool = False
+
+    @property
+    def blocks(self) -> list[int]:
+        return list(range(self.start, self.end))
+
+
+@dataclass
+class Plan:
+    schedule: str
+    microbatches: int
+    batch_size: int
+    stages: list[StagePlan]
+    profile_hash: str = ""
+    cluster_fingerprint: str = ""
+    model: str = ""
+    cluster: dict[str, Any] = field(default_factory=dict)
+    predicted: dict[str, Any] = field(default_factory=dict)
+    created: str = ""
+
+    @property
+    def devices_used(self) -> int:
+        return sum(s.replicas for s in self.stages)
+
+    def key(self) -> tuple:
+        return (self.schedule, self.microbatches,
+                tuple((s.start, s.end, s.replicas, tuple(s.devices), s.checkpoint) for s in self.stages))
+
+    def validate(self, n_blocks: int, cluster: ClusterSpec | None = None, source: str = "plan") -> None:
+        """Every block in exactly one stage, in order; replicas match devices; no GPU used twice."""
+        def bad(what: str) -> RanncError:
+            return RanncError(f"{source}: {what}", hint="re-run `rannc plan` to get a valid plan")
+
+        if self.schedule not in SCHEDULES:
+            raise bad(f"schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if self.microbatches < 1 or self.batch_size < 1:
+            raise bad("microbatches and batch_size must be at least 1")
+        if not self.stages:
+            raise bad("has no stages")
+        expect = 0
+        seen: set[tuple[int, int]] = set()
+        for i, st in enumerate(self.stages):
+            if st.start != expect or st.end <= st.start:
+                raise bad(f"stage {i} covers blocks {st.start}..{st.end - 1}; expected a non-empty range starting at {expect}")
+            expect = st.end
+            if st.replicas < 1 or len(st.devices) != st.replicas:
+                raise bad(f"stage {i} has {st.replicas} replicas but {len(st.devices)} devices")
+            for dev in st.devices:
+                dev = (int(dev[0]), int(dev[1]))
+                if dev in seen:
+                    raise bad(f"GPU {list(dev)} is used by more than one replica")
+                seen.add(dev)
+                if cluster is not None and not (0 <= dev[0] < cluster.nodes and 0 <= dev[1] < cluster.gpus_per_node):
+                    raise bad(f"stage {i} uses GPU {list(dev)}, outside the {cluster.nodes} x {cluster.gpus_per_node} cluster")
+            if st.replicas > -(-self.batch_size // self.microbatches):
+                raise bad(f"stage {i} has {st.replicas} replicas for microbatches of "
+                          f"{-(-self.batch_size // self.microbatches)} samples; each replica needs one sample")
+        if expect != n_blocks:
+            raise bad(f"stages cover blocks 0..{expect - 1} but the profile has {n_blocks} blocks")
+
+
+def stage_costs(plan: Plan, cm: CostModel) -> list[StageCost]:
+    """Cost of every stage of ``plan`` with its own checkpoint flags; links follow the devices."""
+    out = []
+    prev = None
+    n = len(plan.stages)
+    for i, st in enumerate(plan.stages):
+        out.append(cm.stage_cost(st.start, st.end, st.replicas, plan.microbatches, link_in(prev, st.devices),
+                                 allreduce_link(st.devices), in_flight(plan.schedule, plan.microbatches, n, i),
+                                 st.checkpoint))
+        prev = st.devices
+    return out
+
+
+def plan_objective(plan: Plan, cm: CostModel) -> float:
+    return objective(plan.schedule, plan.microbatches, stage_costs(plan, cm))

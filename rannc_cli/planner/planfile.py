@@ -1,0 +1,116 @@
+"""Plan files (docs/plan-format.md): YAML, versioned, bound to one profile and one cluster shape.
+
+    save_plan(plan, "plan.yaml")                                   # atomic
+    plan = load_plan("plan.yaml")                                  # validated
+    check_plan(plan, profile_hash=prof.content_hash(), cluster_fingerprint=spec.fingerprint,
+               n_blocks=len(prof.blocks), cluster=spec)           # RanncError on any mismatch
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+from typing import Any
+
+from rannc_cli import __version__
+from rannc_cli.errors import RanncError
+from rannc_cli.fileio import write_text_atomic
+from rannc_cli.planner.cluster import ClusterSpec
+from rannc_cli.planner.plan import Plan, StagePlan
+
+FORMAT_NAME = "rannc-plan"
+FORMAT_VERSION = 1
+
+
+def plan_to_dict(plan: Plan, block_names: list[str] | None = None) -> dict[str, Any]:
+    stages = []
+    for i, st in enumerate(plan.stages):
+        item: dict[str, Any] = {"blocks": st.blocks, "replicas": st.replicas,
+                                "devices": [[int(n), int(g)] for n, g in st.devices], "checkpoint": bool(st.checkpoint)}
+        if block_names:
+            item["modules"] = f"{block_names[st.start] or '<root>'} .. {block_names[st.end - 1] or '<root>'}"
+        pred = (plan.predicted.get("stages") or [])
+        if i < len(pred):
+            item.update(pred[i])
+        stages.append(item)
+    return {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "created": plan.created or _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "rannc_version": __version__,
+        "model": plan.model,
+        "profile_hash": plan.profile_hash,
+        "cluster_fingerprint": plan.cluster_fingerprint,
+        "cluster": plan.cluster,
+        "batch_size": plan.batch_size,
+        "microbatches": plan.microbatches,
+        "schedule": plan.schedule,
+        "stages": stages,
+        "predicted": {k: v for k, v in plan.predicted.items() if k != "stages"},
+    }
+
+
+def save_plan(plan: Plan, path: Path | str, block_names: list[str] | None = None) -> Path:
+    import yaml
+
+    header = ("# rannc plan (docs/plan-format.md). Devices are [node, gpu]; times in seconds, sizes in bytes.\n"
+              "# The runtime refuses this plan for another profile (profile_hash) or cluster shape (cluster_fingerprint).\n")
+    return write_text_atomic(path, header + yaml.safe_dump(plan_to_dict(plan, block_names), sort_keys=False,
+                                                           default_flow_style=None, width=120))
+
+
+def plan_from_dict(data: Any, source: str = "<plan>") -> Plan:
+    hint = "pass a file written by `rannc plan --out`"
+    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+        raise RanncError(f"{source} is not a rannc plan (no 'format: {FORMAT_NAME}')", hint=hint)
+    if data.get("version") != FORMAT_VERSION:
+        raise RanncError(f"{source} has plan format version {data.get('version')}, this rannc reads version {FORMAT_VERSION}",
+                         hint="re-run `rannc plan` with this rannc")
+    try:
+        stages = []
+        for i, st in enumerate(data["stages"]):
+            blocks = [int(b) for b in st["blocks"]]
+            if not blocks or blocks != list(range(blocks[0], blocks[0] + len(blocks))):
+                raise ValueError(f"stage {i} blocks must be a non-empty run of consecutive ids")
+            stages.append(StagePlan(blocks[0], blocks[-1] + 1, int(st["replicas"]),
+                                    [(int(d[0]), int(d[1])) for d in st["devices"]], bool(st.get("checkpoint", False))))
+        plan = Plan(schedule=str(data["schedule"]), microbatches=int(data["microbatches"]),
+                    batch_size=int(data["batch_size"]), stages=stages, profile_hash=str(data["profile_hash"]),
+                    cluster_fingerprint=str(data["cluster_fingerprint"]), model=str(data.get("model", "")),
+                    cluster=dict(data.get("cluster") or {}), predicted=dict(data.get("predicted") or {}),
+                    created=str(data.get("created", "")))
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise RanncError(f"{source} is a malformed rannc plan ({type(exc).__name__}: {exc})",
+                         hint="compare it with docs/plan-format.md or re-run `rannc plan`") from None
+    n_blocks = stages[-1].end if stages else 0
+    plan.validate(n_blocks, None, source)
+    return plan
+
+
+def load_plan(path: Path | str) -> Plan:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise RanncError(f"plan file {path} does not exist", hint="create one with `rannc plan --out FILE`")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RanncError(f"plan file {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    return plan_from_dict(data, str(path))
+
+
+def check_plan(plan: Plan, profile_hash: str, cluster_fingerprint: str, n_blocks: int, cluster: ClusterSpec | None = None,
+               source: str = "plan") -> None:
+    """Refuse a plan made for another model or cluster shape, with one clear line."""
+    if plan.profile_hash != profile_hash:
+        raise RanncError(f"{source} was made for another model (profile hash {plan.profile_hash or '?'}, "
+                         f"model {plan.model or '?'}), not this profile ({profile_hash})",
+                         hint="make a new plan with `rannc plan --profile PROFILE ...`")
+    if plan.cluster_fingerprint != cluster_fingerprint:
+        shape = plan.cluster
+        made = (f"{shape.get('nodes')} x {shape.get('gpus_per_node')} GPUs of {shape.get('memory_per_gpu')} bytes"
+                if shape else "another cluster")
+        raise RanncError(f"{source} was made for {made} (fingerprint {plan.cluster_fingerprint}), not this cluster "
+                         f"({cluster_fingerprint})", hint="make a new plan for this cluster with `rannc plan`")
+    plan.validate(n_blocks, cluster, source)

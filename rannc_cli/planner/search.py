@@ -1,0 +1,411 @@
+"""The partition search: dynamic programming over (block prefix, devices, stages left).
+
+    space = SearchSpace.build(cost_model, bounds)              # candidate replicas, microbatches, schedules
+    result = search(cost_model, bounds, space)                 # SearchResult: best + runners-up
+    result.best.objective, result.best.stages                  # [(start, end, replicas, first_device, ckpt)]
+
+What it decides, for the objective of costmodel.py (exactly; `exhaustive.py` checks it):
+stage boundaries (between units of `bounds`), each stage's replica count (candidates: powers of
+two up to a node, then whole nodes), placement (placement.py: right after the previous stage or at
+the next node), checkpointing per stage (only when the stage does not fit without it), the
+microbatch count and the schedule.
+
+The DP state after placing stages on units ``0..b-1`` is ``(b, d, j)``: ``d`` devices taken (in
+placement order) and ``j`` stages still to come, counting the next one, which fixes how many
+microbatches a 1F1B stage holds (min(M, j)); ``j = J`` stands for "J or more" once that no longer
+changes anything (J = min(M, units)). A state's value is the least sum over its stages of
+forward+backward time. The objective's max terms (bottleneck time x (M - 1), slowest
+all-reduce) are handled by thresholds: the DP keeps only stage options under each threshold; its
+optimum has actual maxima x; every plan with all maxima >= x is no better, so the search splits
+the rest into "coordinate i below x_i" regions (a staircase) and prunes a region once its lower
+bound (parent sum + weighted lower bounds of the maxima) cannot beat the best plan found. Every
+DP result is kept as a candidate for the simulator to rank and for `--explain`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from rannc_cli.errors import RanncError
+from rannc_cli.planner.costmodel import SCHEDULES, CostModel
+from rannc_cli.planner.placement import replica_ok
+
+INF = math.inf
+
+
+@dataclass(frozen=True)
+class Candidate:
+    objective: float
+    schedule: str
+    microbatches: int
+    stages: tuple[tuple[int, int, int, int, bool], ...]  # (start_block, end_block, replicas, first_device, checkpoint)
+
+
+@dataclass
+class SearchSpace:
+    schedules: list[str]
+    microbatches: list[int]
+    replicas: list[int]
+    stages: int | None = None
+    forced_replicas: list[int] | None = None
+
+    @classmethod
+    def build(cls, cm: CostModel, schedules: list[str] | None = None, microbatches: list[int] | None = None,
+              stages: int | None = None, replicas: list[int] | None = None, max_microbatches: int | None = None) -> "SearchSpace":
+        """Candidates for a cluster and batch; forced values (CLI flags) replace the candidates."""
+        from rannc_cli.config import settings
+
+        g, n = cm.cluster.gpus_per_node, cm.cluster.nodes
+        b = cm.batch_size
+        limit = int(max_microbatches or settings.get("planner_max_microbatches"))
+        if microbatches is None:
+            ms = sorted({m for m in range(1, b + 1) if b % m == 0 and (m & (m - 1) == 0 or m == b) and m <= limit} or {1})
+        else:
+            ms = list(microbatches)
+            for m in ms:
+                if not 1 <= m <= b:
+                    raise RanncError(f"--microbatches {m} must be between 1 and the batch size {b}")
+        cands = sorted({1 << i for i in range(g.bit_length()) if (1 << i) <= g} | {g}
+                       | {k * g for k in _node_counts(n)})
+        if replicas is not None:
+            if stages is not None and stages != len(replicas):
+                raise RanncError(f"--stages {stages} disagrees with --replicas ({len(replicas)} values)",
+                                 hint="give one replica count per stage")
+            for r in replicas:
+                if not replica_ok(r, g):
+                    raise RanncError(f"replica count {r} cannot be placed: a stage takes at most one node ({g} GPUs) "
+                                     f"or whole nodes (a multiple of {g})")
+            if sum(replicas) > g * n:
+                raise RanncError(f"--replicas ask for {sum(replicas)} GPUs; the cluster has {g * n}")
+            stages = len(replicas)
+            cands = sorted(set(replicas))
+        if stages is not None and stages < 1:
+            raise RanncError("--stages must be at least 1")
+        for s in schedules or []:
+            if s not in SCHEDULES:
+                raise RanncError(f"unknown schedule {s!r}", hint=f"use one of {', '.join(SCHEDULES)}")
+        # 1F1B is never slower and never needs more memory than GPipe under this cost model, so an
+        # unforced search only tries 1F1B (the exhaustive search tries both and agrees).
+        return cls(list(schedules or ["1f1b"]), ms, [r for r in cands if r <= g * n], stages, replicas)
+
+
+def _node_counts(n: int) -> list[int]:
+    if n <= 16:
+        return list(range(1, n + 1))
+    out = {k for i in range(n.bit_length()) for k in (1 << i, 3 << i) if k <= n}
+    return sorted(out | {n})
+
+
+@dataclass
+class SearchResult:
+    best: Candidate | None
+    candidates: list[Candidate] = field(default_factory=list)
+    dp_calls: int = 0
+
+
+class _Tables:
+    """Stage options for one (schedule, M): arrays over (start unit, end unit, replica index, link, j)."""
+
+    def __init__(self, cm: CostModel, bounds: list[int], space: SearchSpace, schedule: str, m: int, ranges: dict):
+        self.cm, self.bounds, self.schedule, self.m = cm, bounds, schedule, m
+        cl = cm.cluster
+        self.G, self.D = cl.gpus_per_node, cl.devices
+        U = self.U = len(bounds) - 1
+        mb = cm.microbatch(m)
+        self.R = [r for r in space.replicas if r <= mb]
+        self.forced = space.forced_replicas
+        self.S = space.stages
+        if schedule == "1f1b":
+            self.J = space.stages if space.stages is not None else max(1, min(m, U))
+        else:
+            self.J = space.stages if space.stages is not None else 1
+        self.bucket = space.stages is None
+        J, nR = self.J, len(self.R)
+        shape = (U + 1, U + 1, nR, 3, J)
+        self.FW = np.full(shape, INF)
+        self.BW = np.full(shape, INF)
+        self.CK = np.zeros(shape, dtype=bool)
+        self.AR = np.full((U + 1, U + 1, nR), INF)
+        P, T, IPS, IFX, GPS, GFX = ranges["param"], ranges["train"], ranges["in_ps"], ranges["in_fx"], ranges["g_ps"], ranges["g_fx"]
+        static = P + T * (1.0 + cm.opt_factor)
+        links = cl.links
+        lk = [None, links["intra_node"], links["inter_node"]]
+        bidx = np.array(bounds)
+        tri = np.triu(np.ones((U + 1, U + 1), dtype=bool), 1)
+        for ri, r in enumerate(self.R):
+            sh = cm.shard(m, r)
+            fwd, bwd, rec, act, peak = cm.block_arrays(sh)
+            def rng(x: np.ndarray) -> np.ndarray:
+                cs = np.concatenate([[0.0], np.cumsum(x)])[bidx]
+                return cs[None, :] - cs[:, None]
+            f, b, rc, a = rng(fwd), rng(bwd), rng(rec), rng(act)
+            unit_peak = np.array([peak[bounds[u]:bounds[u + 1]].max() if bounds[u + 1] > bounds[u] else 0.0
+                                  for u in range(U)])
+            pk = np.zeros((U + 1, U + 1))
+            for s0 in range(U):
+                pk[s0, s0 + 1:] = np.maximum.accumulate(unit_peak[s0:])
+            in_b = IFX + IPS * sh
+            g_b = GFX + GPS * sh
+            ar_link = links["allreduce_intra"] if r <= self.G else links["allreduce_inter"]
+            if r > 1:
+                ar = np.where(T > 0, 2.0 * (r - 1) / r * T / ar_link.bandwidth + 2.0 * (r - 1) * ar_link.latency, 0.0)
+            else:
+                ar = np.zeros_like(T)
+            self.AR[:, :, ri] = np.where(tri, ar, INF)
+            for li in range(3):
+                if lk[li] is None:
+                    cf = np.zeros_like(in_b)
+                    cb = np.zeros_like(g_b)
+                else:
+                    cf = np.where(in_b > 0, lk[li].latency + in_b / lk[li].bandwidth, 0.0)
+                    cb = np.where(g_b > 0, lk[li].latency + g_b / lk[li].bandwidth, 0.0)
+                for j in range(1, J + 1):
+                    k = min(m, j) if schedule == "1f1b" else m
+                    mem_plain = static + k * (a + in_b) + pk
+                    mem_ck = static + k * in_b + a + pk
+                    plain = (mem_plain <= cm.capacity) & tri
+                    ck = ~plain & (mem_ck <= cm.capacity) & tri
+                    self.FW[:, :, ri, li, j - 1] = np.where(plain | ck, f + cf, INF)
+                    self.BW[:, :, ri, li, j - 1] = np.where(plain, b + cb, np.where(ck, rc + cb, INF))
+                    self.CK[:, :, ri, li, j - 1] = ck
+        if self.forced is not None:  # stage at position p (j = S - p stages left) must use forced[p] replicas
+            for ri, r in enumerate(self.R):
+                for j in range(1, J + 1):
+                    if self.forced[self.S - j] != r:
+                        self.FW[:, :, ri, :, j - 1] = INF
+        self.UT = self.FW + self.BW
+        self._place = [self._placements(r) for r in self.R]
+
+    def _placements(self, r: int) -> tuple:
+        G, D = self.G, self.D
+        d_all = np.arange(D + 1)
+        off = d_all % G
+        at = (d_all + r <= D) & ((off == 0) | ((r <= G) & (off + r <= G)))
+        d_at = d_all[at]
+        link_at = np.where(d_at % G != 0, 1, 2)
+        nodes = D // G
+        skip_nodes = np.array([n for n in range(nodes) if (n + 1) * G + r <= D], dtype=int)
+        return d_at, link_at, skip_nodes
+
+    # ------------------------------------------------------------------ one DP
+    def coords(self) -> tuple[list[np.ndarray], list[float]]:
+        """The max-coordinates of the objective and their weights."""
+        if self.schedule == "gpipe":
+            return [self.FW, self.BW], [self.m - 1.0, self.m - 1.0]
+        return [self.UT], [self.m - 1.0]
+
+    def dp(self, value: np.ndarray, combine: str = "sum") -> tuple[float, list[tuple]] | None:
+        """Least sum (or max) of ``value`` over stage options; returns (value, [(a, e, ri, li, j, start)])."""
+        U, D, J, G = self.U, self.D, self.J, self.G
+        nodes = D // G
+        F = np.full((U + 1, D + 1, J + 1), INF)
+        if self.S is not None:
+            F[0, 0, self.S] = 0.0
+        else:
+            F[0, 0, 1:] = 0.0
+        ch = np.full((U + 1, D + 1, J + 1, 5), -1, dtype=np.int64)  # a, prev d, ri, prev j, start device
+        op = np.add if combine == "sum" else np.maximum
+        for e in range(1, U + 1):
+            Fe = F[:e]
+            for ri, r in enumerate(self.R):
+                d_at, link_at, skip_nodes = self._place[ri]
+                cost_e = value[:e, e, ri]  # (e, 3, J)
+                if not np.isfinite(cost_e).any():
+                    continue
+                if d_at.size:
+                    sel = cost_e[:, link_at, :]  # (e, nd, J)
+                    sel[0] = cost_e[0, 0][None, :]
+                    cand = op(Fe[:, d_at, 1:], sel)
+                    a_best = cand.argmin(0)
+                    v_best = np.take_along_axis(cand, a_best[None], 0)[0]  # (nd, J)
+                    self._update(F, ch, e, d_at + r, v_best, a_best, d_at, ri, d_at)
+                if skip_nodes.size and e > 1:
+                    base = Fe[1:, : nodes * G].reshape(e - 1, nodes, G, J + 1)[:, skip_nodes, 1:, 1:]  # (e-1, k, G-1, J)
+                    if base.size:
+                        cand = op(base, cost_e[1:, 2][:, None, None, :])
+                        k = len(skip_nodes)
+                        flat = cand.transpose(1, 3, 0, 2).reshape(k, J, (e - 1) * (G - 1))
+                        idx = flat.argmin(-1)
+                        v_best = np.take_along_axis(flat, idx[..., None], -1)[..., 0]  # (k, J)
+                        a_best = idx // (G - 1) + 1
+                        d_prev = skip_nodes[:, None] * G + idx % (G - 1) + 1
+                        start = (skip_nodes + 1) * G
+                        self._update(F, ch, e, start + r, v_best, a_best, d_prev, ri, start)
+        finals = F[U, :, 0]
+        d_end = int(np.argmin(finals))
+        if not np.isfinite(finals[d_end]):
+            return None
+        stages = []
+        e, d, j = U, d_end, 0
+        while e > 0:
+            a, pd, ri, pj, start = (int(x) for x in ch[e, d, j])
+            li = 0 if a == 0 else (1 if start == pd and pd % G != 0 else 2)
+            stages.append((a, e, ri, li, pj, start))
+            e, d, j = a, pd, pj
+        stages.reverse()
+        return float(finals[d_end]), stages
+
+    def _update(self, F, ch, e, d_new, v_best, a_best, d_prev, ri, start) -> None:
+        J = self.J
+        d_prev = np.broadcast_to(np.asarray(d_prev).reshape(len(d_new), -1), v_best.shape)
+        start = np.broadcast_to(np.asarray(start).reshape(len(d_new), 1), v_best.shape)
+        js = np.arange(1, J + 1)
+        targets = [(js - 1, slice(None))]
+        if self.bucket:
+            targets.append((np.array([J]), slice(J - 1, J)))
+        for tj, src in targets:
+            v = v_best[:, src]
+            cur = F[e][np.ix_(d_new, tj)]
+            better = v < cur
+            if not better.any():
+                continue
+            dd, jj = np.nonzero(better)
+            F[e, d_new[dd], tj[jj]] = v[dd, jj]
+            srcj = js[src][jj]
+            ch[e, d_new[dd], tj[jj]] = np.stack([a_best[:, src][dd, jj], d_prev[:, src][dd, jj],
+                                                 np.full(len(dd), ri), srcj, start[:, src][dd, jj]], axis=1)
+
+    def candidate(self, stages: list[tuple]) -> tuple[float, Candidate, list[float], float]:
+        """(sum, Candidate, maxima per coordinate, max all-reduce) of a DP result."""
+        coords, _ = self.coords()
+        total = 0.0
+        maxima = [0.0] * len(coords)
+        ar = 0.0
+        out = []
+        for a, e, ri, li, j, start in stages:
+            total += float(self.UT[a, e, ri, li, j - 1])
+            for c, arr in enumerate(coords):
+                maxima[c] = max(maxima[c], float(arr[a, e, ri, li, j - 1]))
+            ar = max(ar, float(self.AR[a, e, ri]))
+            out.append((self.bounds[a], self.bounds[e], self.R[ri], start, bool(self.CK[a, e, ri, li, j - 1])))
+        _, weights = self.coords()
+        obj = total + sum(w * x for w, x in zip(weights, maxima)) + ar
+        return total, Candidate(obj, self.schedule, self.m, tuple(out)), maxima, ar
+
+
+def unit_ranges(cm: CostModel, bounds: list[int]) -> dict[str, np.ndarray]:
+    U = len(bounds) - 1
+    keys = ("param", "train", "in_ps", "in_fx", "g_ps", "g_fx")
+    out = {k: np.zeros((U + 1, U + 1)) for k in keys}
+    for a in range(U):
+        for e in range(a + 1, U + 1):
+            info = cm.range_info(bounds[a], bounds[e])
+            vals = (info.param_bytes, info.trainable_bytes, info.in_per_sample, info.in_fixed,
+                    info.grad_per_sample, info.grad_fixed)
+            for k, v in zip(keys, vals):
+                out[k][a, e] = v
+    return out
+
+
+def search(cm: CostModel, bounds: list[int], space: SearchSpace, keep: int = 64) -> SearchResult:
+    """Exact optimum of the objective over the search space (see the module doc)."""
+    ranges = unit_ranges(cm, bounds)
+    best: Candidate | None = None
+    seen: dict[tuple, Candidate] = {}
+    calls = 0
+    jobs = []
+    for schedule in space.schedules:
+        for m in space.microbatches:
+            t = _Tables(cm, bounds, space, schedule, m, ranges)
+            if not t.R:
+                continue
+            coords, weights = t.coords()
+            res = t.dp(t.UT)
+            calls += 1
+            if res is None:
+                continue
+            ok = np.isfinite(t.UT)
+            lows = []
+            for arr in [*coords, np.broadcast_to(t.AR[..., None, None], t.UT.shape)]:
+                mm = t.dp(np.where(ok, arr, INF), "max")  # least possible max of this coordinate
+                calls += 1
+                lows.append(mm[0] if mm else 0.0)
+            lb = res[0] + sum(w * x for w, x in zip(weights + [1.0], lows))
+            jobs.append((lb, schedule, m, res, lows[:-1], lows[-1]))
+            del t  # tables are rebuilt below for the (schedule, M) pairs that survive pruning
+    jobs.sort(key=lambda x: x[0])
+    for lb, schedule, m, res0, lows, ar_low in jobs:
+        if best is not None and lb >= best.objective * (1 - 1e-12):
+            continue
+        t = _Tables(cm, bounds, space, schedule, m, ranges)
+        coords, weights = t.coords()
+        ncoord = len(coords) + 1  # + all-reduce
+        lower_bounds = lows + [ar_low]
+        w_all = weights + [1.0]
+        ok = np.isfinite(t.UT)
+        levels = [np.unique(arr[ok]) for arr in coords] + [np.unique(np.broadcast_to(t.AR[..., None, None], ok.shape)[ok])]
+        memo: dict[tuple[int, ...], tuple | None] = {}
+        stack: list[tuple[tuple[float, ...], float, tuple[float, ...], tuple | None]] = [
+            (tuple([INF] * ncoord), res0[0], tuple(lower_bounds), res0)]
+        while stack:
+            thr, parent_sum, lowers, pre = stack.pop()
+            bound = parent_sum + sum(w * x for w, x in zip(w_all, lowers))
+            if best is not None and bound >= best.objective * (1 - 1e-12):
+                continue
+            if pre is not None:
+                res = pre
+            else:
+                # thresholds that admit the same stage options give the same DP result
+                sig = tuple(int(np.searchsorted(levels[c], thr[c], side="right")) for c in range(ncoord))
+                if sig in memo:
+                    res = memo[sig]
+                else:
+                    mask = np.ones(t.UT.shape, dtype=bool)
+                    for c, arr in enumerate(coords):
+                        if thr[c] < INF:
+                            mask &= arr <= thr[c]
+                    if thr[-1] < INF:
+                        mask &= (t.AR <= thr[-1])[..., None, None]
+                    res = memo[sig] = t.dp(np.where(mask, t.UT, INF))
+                    calls += 1
+            if res is None:
+                continue
+            total, cand, maxima, ar = t.candidate(res[1])
+            key = (cand.schedule, cand.microbatches, cand.stages)
+            seen.setdefault(key, cand)
+            if best is None or cand.objective < best.objective:
+                best = cand
+            xs = maxima + [ar]
+            for i in range(ncoord):
+                if xs[i] <= 0 or w_all[i] == 0:  # nothing below, or a term that does not count (M = 1)
+                    continue
+                new_thr = list(thr)
+                new_thr[i] = float(np.nextafter(xs[i], -INF))
+                new_low = list(lowers)
+                for k in range(i):
+                    new_low[k] = max(new_low[k], xs[k])
+                stack.append((tuple(new_thr), total, tuple(new_low), None))
+    cands = sorted(seen.values(), key=lambda c: c.objective)[:keep]
+    return SearchResult(best, cands, calls)
+
+
+def min_devices(cm: CostModel, bounds: list[int], space: SearchSpace) -> int | None:
+    """Fewest GPUs any plan of ``space`` needs on ``cm``'s kind of GPU, ignoring placement gaps
+    (a lower bound used to name the smallest cluster that fits); None if no plan fits at all."""
+    ranges = unit_ranges(cm, bounds)
+    best: float = INF
+    for schedule in space.schedules:
+        for m in space.microbatches:
+            t = _Tables(cm, bounds, space, schedule, m, ranges)
+            if not t.R:
+                continue
+            U, J = t.U, t.J
+            feas = np.isfinite(t.UT[:, :, :, 2, :])
+            feas[0] = np.isfinite(t.UT[0, :, :, 0, :])
+            F = np.full((U + 1, J + 1), INF)
+            if t.S is not None:
+                F[0, t.S] = 0.0
+            else:
+                F[0, 1:] = 0.0
+            for e in range(1, U + 1):
+                for ri, r in enumerate(t.R):
+                    cost = np.where(feas[:e, e, ri, :], float(r), INF)  # (e, J)
+                    v = (F[:e, 1:] + cost).min(0)  # (J,)
+                    F[e, :J] = np.minimum(F[e, :J], v)
+                    if t.bucket:
+                        F[e, J] = min(F[e, J], v[J - 1])
+            best = min(best, F[U, 0])
+    return None if not np.isfinite(best) else int(best)

@@ -1,0 +1,101 @@
+"""Event simulation of any plan: step time (bubbles included) and per-GPU peak memory.
+
+    sim = simulate(plan, cost_model)
+    sim.step_seconds, sim.memory[0], sim.events[:3]      # Event(stage, kind, microbatch, start, end)
+
+Each stage runs its schedule's op list (schedules.py) in order. An op starts when the stage is
+free and its data is there: F(s, m) after F(s-1, m) (p2p time is part of the receiving stage's
+op, see costmodel.py), B(s, m) after B(s+1, m), the last stage's B(m) after its F(m). All replicas
+of a stage work on their shares of a microbatch at once, so a stage is one timeline. Gradient
+all-reduces start together once the pipeline has drained (no overlap with compute), each taking
+its stage's all-reduce time; the step ends when the last one ends.
+
+Memory per GPU of a stage uses the largest number of microbatches it actually holds at once
+under the schedule (GPipe: M, 1F1B: min(M, S - s)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rannc_cli.planner.costmodel import CostModel, StageCost, objective
+from rannc_cli.planner.plan import Plan, stage_costs
+from rannc_cli.planner.schedules import peak_in_flight, stage_ops
+
+
+@dataclass(frozen=True)
+class Event:
+    stage: int
+    kind: str  # 'F', 'B' or 'AR'
+    microbatch: int  # -1 for an all-reduce
+    start: float
+    end: float
+
+
+@dataclass
+class Simulation:
+    step_seconds: float
+    pipeline_seconds: float
+    objective_seconds: float
+    costs: list[StageCost]
+    memory: list[float]  # peak bytes per GPU of each stage
+    in_flight: list[int]
+    busy: list[float]  # seconds each stage computes or communicates per step
+    events: list[Event]
+
+    @property
+    def fits(self) -> bool:
+        return all(c.feasible for c in self.costs)
+
+
+def simulate_times(forward: list[float], backward: list[float], schedule: str, microbatches: int) -> tuple[float, list[Event]]:
+    """Pipeline makespan and events for per-stage op durations (no all-reduce)."""
+    stages = len(forward)
+    orders = stage_ops(schedule, stages, microbatches)
+    done: dict[tuple[str, int, int], float] = {}
+    ptr = [0] * stages
+    free = [0.0] * stages
+    events: list[Event] = []
+    remaining = sum(len(o) for o in orders)
+    while remaining:
+        progressed = False
+        for s in range(stages):
+            ops = orders[s]
+            while ptr[s] < len(ops):
+                kind, m = ops[ptr[s]]
+                if kind == "F":
+                    dep = ("F", s - 1, m) if s > 0 else None
+                else:
+                    dep = ("B", s + 1, m) if s < stages - 1 else ("F", s, m)
+                if dep is not None and dep not in done:
+                    break
+                start = max(free[s], done[dep] if dep is not None else 0.0)
+                end = start + (forward[s] if kind == "F" else backward[s])
+                done[(kind, s, m)] = end
+                free[s] = end
+                events.append(Event(s, kind, m, start, end))
+                ptr[s] += 1
+                remaining -= 1
+                progressed = True
+        if not progressed:  # pragma: no cover - the schedules above never deadlock
+            raise RuntimeError(f"schedule {schedule} deadlocked")
+    return (max(free) if free else 0.0), events
+
+
+def simulate(plan: Plan, cm: CostModel) -> Simulation:
+    """Simulate one training step of ``plan`` under the cost model."""
+    costs = stage_costs(plan, cm)
+    pipe, events = simulate_times([c.forward for c in costs], [c.backward for c in costs], plan.schedule,
+                                  plan.microbatches)
+    orders = stage_ops(plan.schedule, len(plan.stages), plan.microbatches)
+    held = [peak_in_flight(o) for o in orders]
+    memory = []
+    for i, (st, c) in enumerate(zip(plan.stages, costs)):
+        again = cm.stage_cost(st.start, st.end, st.replicas, plan.microbatches, None, "intra", held[i], st.checkpoint)
+        memory.append(again.memory)
+    for i, c in enumerate(costs):
+        if c.allreduce > 0:
+            events.append(Event(i, "AR", -1, pipe, pipe + c.allreduce))
+    step = pipe + max((c.allreduce for c in costs), default=0.0)
+    busy = [plan.microbatches * (c.forward + c.backward) + c.allreduce for c in costs]
+    return Simulation(step, pipe, objective(plan.schedule, plan.microbatches, costs), costs, memory, held, busy, events)
