@@ -118,6 +118,7 @@ def _make_stage(bg: BlockGraph, index: int, block_ids: list[int], body: list[str
     nodes = {n.name: n for n in captured.graph.nodes}
     root = nn.Module()
     graph = fx.Graph()
+    mutated = set(captured.buffer_mutations.values())
     env: dict[str, fx.Node] = {}
     for name in inputs:
         env[name] = graph.placeholder(name)
@@ -139,6 +140,11 @@ def _make_stage(bg: BlockGraph, index: int, block_ids: list[int], body: list[str
                 root.register_buffer(attr, tensor, persistent=False)
         env[n.name] = graph.get_attr(attr)
         env[n.name].meta = dict(n.meta)
+        if canonical in mutated:
+            # The buffer is overwritten in place after the forward; autograd may have saved the
+            # value read here (batch norm's backward does), so read a private copy.
+            env[n.name] = graph.call_function(torch.ops.aten.clone.default, (env[n.name],))
+            env[n.name].meta = dict(n.meta)
         return env[n.name]
 
     for name in body:

@@ -25,7 +25,7 @@ from rannc_cli.errors import RanncError
 from rannc_cli.paths import project_root
 from rannc_cli.profiler.format import BlockCost
 from rannc_cli.profiler.measure import BlockRun
-from rannc_cli.profiler.memory import MemoryTracker, SavedTensorMeter, storage_key
+from rannc_cli.profiler.memory import MemoryTracker, SavedTensorMeter, aliases_inputs, storage_key
 
 
 @dataclass
@@ -113,7 +113,7 @@ class OpCostMode(TorchDispatchMode):
         if not outs and not ins:
             return out
         in_keys = {storage_key(t) for t in ins}
-        new_outs = [t for t in outs if storage_key(t) not in in_keys]
+        new_outs = [] if aliases_inputs(func) else [t for t in outs if storage_key(t) not in in_keys]
         if not new_outs and func.overloadpacket not in flop_registry:
             return out  # a view or metadata op: no kernel
         nbytes = sum(t.numel() * t.element_size() for t in ins) + sum(t.numel() * t.element_size() for t in new_outs)

@@ -26,6 +26,12 @@ def storage_bytes(t: torch.Tensor) -> int:
     return int(t.untyped_storage().nbytes())
 
 
+def aliases_inputs(func: Any) -> bool:
+    """True for ops whose outputs alias an input (views, in-place ops): they allocate nothing."""
+    schema = getattr(func, "_schema", None)
+    return bool(schema is not None and schema.returns and all(r.alias_info is not None for r in schema.returns))
+
+
 def _tensors(tree: Any) -> list[torch.Tensor]:
     return [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
 
@@ -57,10 +63,8 @@ class MemoryTracker(TorchDispatchMode):
                 self._last[gen] = self._step
         for t in _tensors(out):
             key = storage_key(t)
-            if key in in_keys and key in self._current:
-                continue  # a view or an in-place result: same storage
-            if key in in_keys:
-                continue  # a pre-existing storage (parameter or input) seen again
+            if key in in_keys or aliases_inputs(func):
+                continue  # a view or an in-place result: no new storage
             gen = len(self._size)
             self._current[key] = gen
             self._size.append(storage_bytes(t))
