@@ -1,0 +1,101 @@
+"""`rannc plan` end to end, through the real command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from conftest import run_cli
+from rannc_cli.planner.synthetic import bert_profile, hybrid_profile
+
+
+@pytest.fixture(scope="module")
+def profile_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("plan") / "bert.yaml"
+    bert_profile(layers=8, hidden=512, seq=128, vocab=8000, batch_size=64).save(path)
+    return path
+
+
+def test_table_baselines_files(profile_file, tmp_path):
+    out, png = tmp_path / "plan.yaml", tmp_path / "plan.png"
+    res = run_cli("plan", "--profile", str(profile_file), "--nodes", "2", "--gpus", "4", "--mem-per-gpu", "16GiB",
+                  "--out", str(out), "--timeline", str(png), "--explain")
+    assert res.returncode == 0, res.stderr
+    for text in ("stage", "replicas", "placement", "predicted step", "samples/s", "data-parallel", "uniform",
+                 "parameters", "time", "vs plan", "chosen:", "alternative:"):
+        assert text in res.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = yaml.safe_load(out.read_text())
+    assert data["format"] == "rannc-plan" and data["stages"][0]["blocks"][0] == 0
+
+
+def test_json_fields_and_forced_parts(profile_file):
+    res = run_cli("plan", "--profile", str(profile_file), "--nodes", "2", "--gpus", "4", "--replicas", "4,2,2",
+                  "--microbatches", "8", "--schedule", "gpipe", "--json")
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout)
+    assert [s["replicas"] for s in data["stages"]] == [4, 2, 2]
+    assert data["microbatches"] == 8 and data["schedule"] == "gpipe"
+    for s in data["stages"]:
+        assert {"blocks", "replicas", "devices", "memory_bytes", "forward_seconds", "backward_seconds"} <= set(s)
+        assert len(s["devices"]) == s["replicas"]
+    assert sorted(b for s in data["stages"] for b in s["blocks"]) == list(range(10))
+    assert set(data["baselines"]) == {"data-parallel", "uniform", "parameters", "time"}
+    assert data["predicted_step_seconds"] > 0
+
+
+def test_exhaustive_agrees_with_the_search(tmp_path):
+    prof = tmp_path / "h.yaml"
+    hybrid_profile(cnn_width=1, cnn_depths=(1, 1), layers=3, hidden=256, batch_size=16).save(prof)
+    runs = [json.loads(run_cli("plan", "--profile", str(prof), "--nodes", "1", "--gpus", "4", "--mem-per-gpu", "2GiB",
+                               "--json", *extra).stdout) for extra in ([], ["--exhaustive"])]
+    assert runs[1]["search"]["exhaustive_plans"] > 100
+    assert runs[0]["objective_seconds"] <= runs[1]["objective_seconds"] * (1 + 1e-9)
+
+
+def test_infeasible_is_one_clear_line(profile_file):
+    res = run_cli("plan", "--profile", str(profile_file), "--nodes", "1", "--gpus", "1", "--mem-per-gpu", "200MiB")
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: no plan fits")
+    assert "GiB" in lines[0] and "smallest cluster that fits is" in lines[0]
+    assert "Traceback" not in res.stderr
+
+
+def test_block_too_big_for_any_gpu(profile_file):
+    res = run_cli("plan", "--profile", str(profile_file), "--nodes", "4", "--gpus", "8", "--mem-per-gpu", "20MiB")
+    assert res.returncode == 2
+    assert "block" in res.stderr and "no number of these GPUs is enough" in res.stderr
+
+
+def test_plan_for_another_cluster_is_refused(profile_file, tmp_path):
+    out = tmp_path / "plan.yaml"
+    assert run_cli("plan", "--profile", str(profile_file), "--nodes", "2", "--gpus", "4", "--out", str(out)).returncode == 0
+    ok = run_cli("plan", "--profile", str(profile_file), "--nodes", "2", "--gpus", "4", "--evaluate", str(out))
+    assert ok.returncode == 0, ok.stderr
+    res = run_cli("plan", "--profile", str(profile_file), "--nodes", "4", "--gpus", "4", "--evaluate", str(out))
+    assert res.returncode == 2 and "was made for 2 x 4 GPUs" in res.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--nodes", "2"], "say which cluster"),
+    (["--nodes", "2", "--gpus", "4", "--replicas", "3,x"], "comma list"),
+    (["--nodes", "2", "--gpus", "4", "--replicas", "6"], "cannot be placed"),
+    (["--nodes", "2", "--gpus", "4", "--schedule", "zigzag"], "not known"),
+    (["--nodes", "2", "--gpus", "4", "--mem-per-gpu", "big"], "memory size"),
+    (["--nodes", "1", "--gpus", "8", "--exhaustive", "--stages", "2"], None),
+])
+def test_bad_input(profile_file, args, message):
+    res = run_cli("plan", "--profile", str(profile_file), *args)
+    if message is None:
+        assert res.returncode == 0, res.stderr
+        return
+    assert res.returncode == 2, res.stdout
+    assert message in res.stderr and "Traceback" not in res.stderr
+
+
+def test_missing_profile():
+    res = run_cli("plan", "--profile", "/nonexistent.yaml", "--nodes", "1", "--gpus", "1")
+    assert res.returncode == 2 and "does not exist" in res.stderr

@@ -1,0 +1,79 @@
+"""Schedules and the event simulator, alone."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from rannc_cli.planner.schedules import gpipe, one_f_one_b, peak_in_flight, stage_ops
+from rannc_cli.planner.simulate import simulate_times
+
+
+@pytest.mark.parametrize("stages,mbs", [(1, 1), (1, 5), (3, 4), (4, 2), (5, 8)])
+@pytest.mark.parametrize("name", ["1f1b", "gpipe"])
+def test_each_op_once_forward_before_backward(name, stages, mbs):
+    for ops in stage_ops(name, stages, mbs):
+        assert sorted(ops) == sorted([("F", m) for m in range(mbs)] + [("B", m) for m in range(mbs)])
+        for m in range(mbs):
+            assert ops.index(("F", m)) < ops.index(("B", m))
+
+
+def test_1f1b_matches_the_documented_table():
+    assert one_f_one_b(3, 4)[0] == [("F", 0), ("F", 1), ("F", 2), ("B", 0), ("F", 3), ("B", 1), ("B", 2), ("B", 3)]
+    assert one_f_one_b(3, 4)[2] == [("F", 0), ("B", 0), ("F", 1), ("B", 1), ("F", 2), ("B", 2), ("F", 3), ("B", 3)]
+
+
+@pytest.mark.parametrize("stages,mbs", [(1, 4), (3, 2), (4, 8), (6, 3)])
+def test_in_flight_counts(stages, mbs):
+    assert [peak_in_flight(o) for o in one_f_one_b(stages, mbs)] == [min(mbs, stages - s) for s in range(stages)]
+    assert [peak_in_flight(o) for o in gpipe(stages, mbs)] == [mbs] * stages
+
+
+def test_gpipe_simulation_equals_its_closed_form():
+    rng = random.Random(0)
+    for _ in range(300):
+        s, m = rng.randint(1, 6), rng.randint(1, 8)
+        f = [rng.choice([0.0, rng.random(), 10 * rng.random()]) for _ in range(s)]
+        b = [rng.choice([0.0, rng.random(), 10 * rng.random()]) for _ in range(s)]
+        makespan, _ = simulate_times(f, b, "gpipe", m)
+        closed = sum(f) + sum(b) + (m - 1) * (max(f) + max(b))
+        assert makespan == pytest.approx(closed, rel=1e-12, abs=1e-12)
+
+
+def test_1f1b_simulation_equals_bubble_formula_when_balanced():
+    rng = random.Random(1)
+    for _ in range(100):
+        s, m = rng.randint(1, 6), rng.randint(1, 8)
+        f, b = rng.random(), rng.random()
+        makespan, _ = simulate_times([f] * s, [b] * s, "1f1b", m)
+        assert makespan == pytest.approx((m + s - 1) * (f + b), rel=1e-12)
+
+
+def test_1f1b_is_never_slower_than_gpipe_closed_form_on_typical_stages():
+    rng = random.Random(2)
+    for _ in range(200):
+        s, m = rng.randint(1, 6), rng.randint(1, 8)
+        f = [rng.uniform(0.1, 1) for _ in range(s)]
+        b = [x * rng.uniform(1.8, 3.2) for x in f]
+        one, _ = simulate_times(f, b, "1f1b", m)
+        gp, _ = simulate_times(f, b, "gpipe", m)
+        assert one <= gp * (1 + 1e-12)
+
+
+def test_events_respect_dependencies():
+    makespan, events = simulate_times([1.0, 2.0, 0.5], [2.0, 3.0, 1.0], "1f1b", 4)
+    end = {(e.kind, e.stage, e.microbatch): e.end for e in events}
+    start = {(e.kind, e.stage, e.microbatch): e.start for e in events}
+    for (kind, s, m), t0 in start.items():
+        if kind == "F" and s > 0:
+            assert t0 >= end[("F", s - 1, m)]
+        if kind == "B" and s < 2:
+            assert t0 >= end[("B", s + 1, m)]
+    per_stage = {}
+    for e in events:  # one op at a time per stage
+        per_stage.setdefault(e.stage, []).append((e.start, e.end))
+    for spans in per_stage.values():
+        spans.sort()
+        assert all(a[1] <= b[0] + 1e-12 for a, b in zip(spans, spans[1:]))
+    assert makespan == max(e.end for e in events)
