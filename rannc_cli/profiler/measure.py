@@ -2,7 +2,8 @@
 
     cost = measure_block(stage, inputs, microbatch=8, warmup=2, repeats=5)
 
-Times are medians of ``repeats`` timed runs after ``warmup`` untimed ones; CUDA runs are
+Times are medians of up to ``repeats`` timed runs after up to ``warmup`` untimed ones (both cut
+short for blocks that take long: see ``budget_seconds``); CUDA runs are
 synchronised around every timed region and use the caching allocator's peak statistics for
 memory; CPU runs use wall time and tensor-size accounting (rannc_cli.profiler.memory).
 Backward runs through ``torch.autograd.grad``, so nothing accumulates into ``.grad``.
@@ -10,6 +11,7 @@ Backward runs through ``torch.autograd.grad``, so nothing accumulates into ``.gr
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from typing import Any, Callable, Sequence
@@ -64,51 +66,54 @@ def _device_of(run: BlockRun) -> torch.device:
     return torch.device("cpu")
 
 
-def count_flops(run: BlockRun) -> tuple[float, float]:
-    """(forward, backward) FLOPs from torch's FLOP counter."""
-    with FlopCounterMode(display=False) as fwd_counter:
-        outs = run.forward()
-    grad_outputs = run.grad_outputs(outs)
-    with FlopCounterMode(display=False) as bwd_counter:
-        run.backward(outs, grad_outputs)
-    return float(fwd_counter.get_total_flops()), float(bwd_counter.get_total_flops())
-
-
-def measure_memory(run: BlockRun) -> tuple[int, int]:
-    """(activation bytes saved for backward, transient peak bytes above them)."""
+def measure_memory_and_flops(run: BlockRun) -> tuple[int, int, float, float]:
+    """One forward+backward that reports (saved activation bytes, transient peak bytes above them,
+    forward FLOPs, backward FLOPs)."""
     device = _device_of(run)
     exclude = [p for p in run.stage.parameters()] + [b for b in run.stage.buffers()]
-    if device.type == "cuda":
+    cuda = device.type == "cuda"
+    if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-        with SavedTensorMeter(exclude) as saved:
+    mem = MemoryTracker() if not cuda else None
+    with (mem if mem is not None else contextlib.nullcontext()):
+        with SavedTensorMeter(exclude) as saved, FlopCounterMode(display=False) as fwd_counter:
             outs = run.forward()
+        if mem is not None:
+            mem.keep_alive([o for o in outs if isinstance(o, torch.Tensor)])
         grad_outputs = run.grad_outputs(outs)
-        grads = run.backward(outs, grad_outputs)
+        with FlopCounterMode(display=False) as bwd_counter:
+            grads = run.backward(outs, grad_outputs)
+        if mem is not None:
+            mem.keep_alive([g for g in grads if isinstance(g, torch.Tensor)], until_end=True)
+    if cuda:
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) - base
-        del outs, grads
-        return saved.bytes, max(0, peak - saved.bytes)
-    with MemoryTracker() as mem:
-        with SavedTensorMeter(exclude) as saved:
-            outs = run.forward()
-        mem.keep_alive([o for o in outs if isinstance(o, torch.Tensor)])
-        grad_outputs = run.grad_outputs(outs)
-        grads = run.backward(outs, grad_outputs)
-        mem.keep_alive([g for g in grads if isinstance(g, torch.Tensor)], until_end=True)
-    return saved.bytes, max(0, mem.peak_bytes() - saved.bytes)
+    else:
+        peak = mem.peak_bytes()
+    return (saved.bytes, max(0, peak - saved.bytes), float(fwd_counter.get_total_flops()),
+            float(bwd_counter.get_total_flops()))
 
 
 def measure_block(stage: torch.nn.Module, inputs: Sequence[Any], microbatch: int, warmup: int = 2,
-                  repeats: int = 5) -> BlockCost:
-    """Time and memory of one block at one microbatch size (see the module docstring)."""
+                  repeats: int = 5, budget_seconds: float = 1.0) -> BlockCost:
+    """Time and memory of one block at one microbatch size (see the module docstring).
+
+    Timing stops early once ``budget_seconds`` of timed work has been spent (at least one run),
+    and warm-up stops once a single run takes half the budget: big blocks need few samples.
+    """
     run = BlockRun(stage, inputs)
     sync = _synchronizer(_device_of(run))
     for _ in range(max(0, warmup)):
+        t0 = time.perf_counter()
         outs = run.forward()
         run.backward(outs, run.grad_outputs(outs))
-    fwd, bwd, both = [], [], []
+        sync()
+        del outs
+        if time.perf_counter() - t0 > budget_seconds / 2:
+            break
+    fwd, bwd = [], []
     for _ in range(max(1, repeats)):
         sync()
         t0 = time.perf_counter()
@@ -119,23 +124,18 @@ def measure_block(stage: torch.nn.Module, inputs: Sequence[Any], microbatch: int
         sync()
         t2 = time.perf_counter()
         del outs
-        # activation checkpointing: the forward runs again right before its backward
-        t3 = time.perf_counter()
-        outs = run.forward()
-        run.backward(outs, run.grad_outputs(outs))
-        sync()
-        t4 = time.perf_counter()
-        del outs
         fwd.append(t1 - t0)
         bwd.append(t2 - t1)
-        both.append(t4 - t3)
-    activation, peak = measure_memory(run)
-    flops_f, flops_b = count_flops(run)
+        if sum(fwd) + sum(bwd) > budget_seconds:
+            break
+    activation, peak, flops_f, flops_b = measure_memory_and_flops(run)
+    forward, backward = statistics.median(fwd), statistics.median(bwd)
     return BlockCost(
         microbatch=microbatch,
-        forward_seconds=statistics.median(fwd),
-        backward_seconds=statistics.median(bwd),
-        recompute_backward_seconds=statistics.median(both),
+        forward_seconds=forward,
+        backward_seconds=backward,
+        # activation checkpointing runs the forward again right before the backward
+        recompute_backward_seconds=forward + backward,
         activation_bytes=int(activation),
         peak_bytes=int(peak),
         flops_forward=flops_f,
