@@ -25,17 +25,29 @@ SCHEDULERS = ("slurm", "pbs", "local")
 NVLINK_PER_LINK = {6: 20e9, 7: 25e9, 8: 25e9, 9: 25e9, 10: 50e9}
 
 
+PROBES = {"slurm": ["scontrol", "ping"], "pbs": ["pbsnodes", "-a"]}
+
+
+def probe_scheduler(runner: Runner, name: str) -> str | None:
+    """None when the scheduler answers there, else why not (command missing, or its error)."""
+    probe = PROBES[name]
+    if not runner.which(probe[0]):
+        return f"{probe[0]} not found on {runner.host}"
+    res = runner.run(probe, timeout=20)
+    if res.rc == 0:
+        return None
+    why = (res.stderr or res.stdout).strip().splitlines()
+    return f"{probe[0]} found on {runner.host} but {name} does not answer ({why[0] if why else f'exit {res.rc}'})"
+
+
 def detect_scheduler(runner: Runner, notes: list[str]) -> str:
     """slurm if `scontrol` works there, else pbs if `pbsnodes` works, else local."""
-    for name, probe in (("slurm", ["scontrol", "ping"]), ("pbs", ["pbsnodes", "-a"])):
-        if not runner.which(probe[0]):
-            continue
-        res = runner.run(probe, timeout=20)
-        if res.rc == 0:
+    for name in PROBES:
+        why = probe_scheduler(runner, name)
+        if why is None:
             return name
-        why = (res.stderr or res.stdout).strip().splitlines()
-        notes.append(f"{probe[0]} found on {runner.host} but {name} does not answer "
-                     f"({why[0] if why else f'exit {res.rc}'}); using local discovery")
+        if "not found" not in why:
+            notes.append(f"{why}; using local discovery")
     return "local"
 
 
@@ -139,9 +151,9 @@ def _discover(runner: Runner, scheduler: str | None, site_cfg: Site | None, part
         if site_cfg.scheduler == "local":
             sched = "local"
         else:
-            cmd = {"slurm": "scontrol", "pbs": "pbsnodes"}[site_cfg.scheduler]
-            if not runner.which(cmd):   # off-site: no scheduler to ask, the config is all we know
-                notes.append(f"{cmd} not found on {runner.host}: topology from the site config {site_cfg.name} only")
+            why = probe_scheduler(runner, site_cfg.scheduler)
+            if why is not None:   # off-site: no scheduler to ask, the config is all we know
+                notes.append(f"{why}: topology from the site config {site_cfg.name} only")
                 return _from_site(site_cfg, count, partition, runner, notes)
             sched = site_cfg.scheduler
     if sched is None:
