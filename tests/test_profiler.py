@@ -123,3 +123,17 @@ def test_cache_hits_only_for_the_same_model_inputs_and_mode():
     model.second = nn.Linear(32, 8, bias=False)  # another graph, same input shapes
     changed, cached5 = profile_model(model, _batch(), {}, mode="measured", microbatch_sizes="4")
     assert not cached5 and changed.model["graph_hash"] != first.model["graph_hash"]
+
+
+def test_meta_device_model_profiles_from_shapes_in_estimate_mode():
+    """A model built on the meta device (deferred init) has no data: estimate works, timing is refused."""
+    with torch.device("meta"):
+        model = TwoLinear()
+    prof, _ = profile_model(model, _batch(), {}, mode="estimated", device_spec="V100-SXM2-16GB", microbatch_sizes="8")
+    real, _ = profile_model(TwoLinear(), _batch(), {}, mode="estimated", device_spec="V100-SXM2-16GB",
+                            microbatch_sizes="8")
+    for a, b in zip(prof.classes, real.classes):
+        assert a.costs == b.costs  # same shapes, same estimate, without any data
+    assert prof.totals()["parameter_bytes"] == (64 * 32 + 32 + 32 * 8 + 8) * 4
+    with pytest.raises(RanncError, match="meta device"):
+        profile_model(model, _batch(), {}, mode="measured")

@@ -237,6 +237,14 @@ def profile_model(model: nn.Module, args: tuple, kwargs: dict | None = None, *, 
         if hit is not None:
             note("profile found in cache", 0)
             return hit, True
+    deferred = any(t.device.type == "meta" for t in list(model.parameters()) + list(model.buffers()))
+    if deferred:
+        if mode != "estimated":
+            raise RanncError("the model's parameters are on the meta device (deferred initialisation), so its "
+                             "blocks cannot be timed", hint="profile it with --estimate (shapes only)")
+        # shapes are all capture needs: the batch goes to the meta device with the model
+        args, kwargs = torch.utils._pytree.tree_map(
+            lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, (tuple(args), kwargs))
     note("capturing the model", 0)
     started = time.perf_counter()
     captured = capture(model, args, kwargs)
@@ -257,7 +265,7 @@ def profile_model(model: nn.Module, args: tuple, kwargs: dict | None = None, *, 
         for i in captured.inputs]
     ghash = graph_hash(bg)
     devinfo = device_description(device) if mode == "measured" else \
-        {"type": device.type, "name": spec.name, "memory_bytes": spec.memory_bytes}
+        {"type": "cpu" if spec.name.startswith("CPU") else "cuda", "name": spec.name, "memory_bytes": spec.memory_bytes}
     key = cache.profile_key(graph_hash=ghash, inputs=inputs_desc, device=devinfo.get("name"), device_type=device.type,
                             mode=mode, spec=spec.to_dict() if spec else None, sizes=sizes,
                             repeats=None if spec else [warmup, repeats], training=captured.training)
