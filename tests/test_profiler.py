@@ -137,3 +137,21 @@ def test_meta_device_model_profiles_from_shapes_in_estimate_mode():
     assert prof.totals()["parameter_bytes"] == (64 * 32 + 32 + 32 * 8 + 8) * 4
     with pytest.raises(RanncError, match="meta device"):
         profile_model(model, _batch(), {}, mode="measured")
+
+
+@pytest.mark.parametrize("name", ["fork_join", "tied_weights", "batch_norm", "in_place", "multi_output", "dropout",
+                                  "nested_inputs"])
+def test_every_zoo_model_profiles_and_round_trips(tmp_path, name):
+    from zoo import ZOO
+
+    from rannc_cli.profiler.format import Profile
+
+    torch.manual_seed(0)
+    model, (args, kwargs) = ZOO[name]()
+    prof, _ = profile_model(model, args, kwargs, mode="measured", microbatch_sizes="1,4")
+    path = prof.save(tmp_path / "p.yaml")
+    loaded = Profile.load(path)
+    assert loaded.to_dict() == prof.to_dict() and loaded.content_hash() == prof.content_hash()
+    assert all([c.microbatch for c in k.costs] == [1, 4] for k in loaded.classes)
+    trainable = sum(p.numel() * 4 for p in {id(p): p for p in model.parameters()}.values())
+    assert loaded.totals()["parameter_bytes"] == trainable  # tied parameters counted once
