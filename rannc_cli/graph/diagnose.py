@@ -136,13 +136,13 @@ def diagnose_export_failure(exc: BaseException, module_stack: list[tuple[str, st
     frames = _frames(exc)
     inner, user = _model_frames(frames, model)
     why, todo = None, None
+    first_line = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
     for markers, reason, advice in _KINDS:
         if any(m in text for m in markers):
-            why, todo = reason, advice
+            why, todo = f"{reason} [{type(exc).__name__}: {first_line[:160]}]", advice
             break
     if why is None:
-        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        why = f"the model raised {type(exc).__name__}: {first[:240]}"
+        why = f"the model raised {type(exc).__name__}: {first_line[:240]}"
         todo = "check that the model runs eagerly on this batch; if it does, please report the model"
     module = ""
     if module_stack:
