@@ -62,6 +62,7 @@ REGISTRY: dict[str, Setting] = {
         Setting("allreduce_inter_bandwidth", 10e9, "Planner without a topology file: ring all-reduce bus bytes/s across nodes.", float),
         Setting("allreduce_inter_latency", 40e-6, "Planner without a topology file: seconds per ring step across nodes.", float),
         Setting("planner_max_units", 24, "Planner: coarsen the profile's blocks to at most this many units before the search.", int),
+        Setting("planner_dp_budget", 40, "Planner: most DP runs per (schedule, microbatch count) before the search stops and reports its optimality gap (0: no cap).", int),
         Setting("planner_max_microbatches", 256, "Planner: largest microbatch count the search tries.", int),
         # runtime (RaNNCModule under `rannc run`, torchrun, srun or mpiexec; docs/runtime.md)
         Setting("plan", "", "Runtime: plan file to run (`rannc plan --out`); empty means rank 0 profiles and plans at the first forward.", str),

@@ -33,7 +33,9 @@ def instance(seed: int, max_blocks: int = 6):
 def test_dp_finds_the_exhaustive_optimum(seed):
     cm, space = instance(seed)
     bounds = list(range(cm.n + 1))
-    dp = search(cm, bounds, space).best
+    result = search(cm, bounds, space, budget=None)
+    dp = result.best
+    assert result.exact
     brute, _ = exhaustive(cm, bounds, space)
     assert (dp is None) == (brute is None)
     if dp is not None:

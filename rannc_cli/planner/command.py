@@ -97,7 +97,8 @@ def plan_json(profile, report) -> dict[str, Any]:
         "profile_hash": plan.profile_hash,
         "cluster_fingerprint": plan.cluster_fingerprint,
         "cluster": plan.cluster,
-        "search": {"seconds": report.search_seconds, "units": report.units, "dp_runs": report.dp_calls,
+        "chosen_from": report.chosen_from,
+        "search": {"optimality_gap": report.optimality_gap, "step_seconds": report.search_step_seconds, "seconds": report.search_seconds, "units": report.units, "dp_runs": report.dp_calls,
                    "exhaustive_plans": report.exhaustive_plans},
     }
     return out
@@ -127,6 +128,13 @@ def print_report(profile, report, explain_lines: list[str] | None) -> None:
             rows.append([name, f"{len(b.plan.stages)} stage(s) x {reps}, M={b.plan.microbatches}", f"{1e3 * s:.4g}",
                          f"{plan.batch_size / s:.4g}", f"{s / sim.step_seconds:.3f}"])
         typer.echo("\n" + tabulate(rows, headers=["baseline", "configuration", "step ms", "samples/s", "vs plan"]))
+    if report.chosen_from != "search":
+        typer.echo(f"\nchosen from the {report.chosen_from} (the search's best simulated "
+                   f"{1e3 * report.search_step_seconds:.4g} ms with {report.units} units; raise RANNC_PLANNER_MAX_UNITS "
+                   "for finer stage boundaries)")
+    if report.optimality_gap > 0:
+        typer.echo(f"search stopped at its DP-run budget (RANNC_PLANNER_DP_BUDGET): the objective is within "
+                   f"{report.optimality_gap:.1%} of the optimum over these units")
     how = (f"exhaustive over {report.exhaustive_plans} plans" if report.exhaustive_plans is not None
            else f"{report.dp_calls} DP runs")
     typer.echo(f"\nsearched {report.units} units in {report.search_seconds:.3g} s ({how})")

@@ -6,7 +6,8 @@
 The search (search.py, or exhaustive.py) finds the exact optimum of the objective and keeps its
 runners-up; the 12 best by objective are simulated (simulate.py) and the one with the shortest
 simulated step is chosen (they differ only for unbalanced 1F1B pipelines, where the simulation is
-the finer model). Forced parts (stages, replicas, microbatches, schedule) narrow the space; the
+the finer model). If a baseline simulates faster (its boundaries can fall inside the search's
+coarsened units), that plan is returned instead and the report says so. Forced parts (stages, replicas, microbatches, schedule) narrow the space; the
 rest is still searched. When nothing fits, one RanncError says how much memory the model needs,
 which block cannot fit one GPU (if any) and the smallest cluster that would fit.
 """
@@ -43,6 +44,9 @@ class PlanReport:
     units: int = 0
     dp_calls: int = 0
     exhaustive_plans: int | None = None
+    chosen_from: str = "search"  # or "baseline NAME" when a baseline simulated faster than every searched plan
+    search_step_seconds: float = 0.0  # simulated step of the search's own best plan
+    optimality_gap: float = 0.0  # > 0 when the DP-run budget stopped the search: objective within this fraction
 
 
 def candidate_plan(c: Candidate, cm: CostModel) -> Plan:
@@ -93,6 +97,7 @@ def make_plan(profile: Profile, cluster: ClusterSpec, batch_size: int | None = N
                          hint="raise RANNC_PLANNER_MAX_UNITS")
     t0 = time.perf_counter()
     count = None
+    gap = 0.0
     if use_exhaustive:
         best, count = exhaustive(cm, bounds, space, all_schedules=schedule is None)
         cands = [best] if best else []
@@ -100,6 +105,8 @@ def make_plan(profile: Profile, cluster: ClusterSpec, batch_size: int | None = N
     else:
         result = search(cm, bounds, space)
         cands, calls = result.candidates, result.dp_calls
+        if not result.exact and result.best is not None:
+            gap = result.best.objective / result.lower_bound - 1 if result.lower_bound > 0 else math.inf
     elapsed = time.perf_counter() - t0
     if not cands:
         raise infeasible(cm, bounds, space, forced=bool(stages or replicas or microbatches or schedule))
@@ -108,11 +115,24 @@ def make_plan(profile: Profile, cluster: ClusterSpec, batch_size: int | None = N
         plan = candidate_plan(c, cm)
         sims.append((plan, simulate(plan, cm)))
     sims.sort(key=lambda ps: (ps[1].step_seconds, ps[1].objective_seconds))
-    plan, sim = sims[0]
-    annotate(plan, sim, cm, profile)
     base = evaluate_baselines(cm, space.microbatches if microbatches else SearchSpace.build(cm).microbatches) \
         if with_baselines else {}
-    return PlanReport(plan, sim, cm, base, sims[1:], elapsed, len(bounds) - 1, calls, count)
+    searched = sims[0][1].step_seconds
+    unforced = not (stages or replicas or microbatches or schedule or use_exhaustive)
+    chosen_from = "search"
+    if unforced:  # a baseline's boundaries may fall inside the coarsened units: never return a slower plan
+        for name, b in base.items():
+            if b is not None and b.simulation.step_seconds < sims[0][1].step_seconds:
+                sims.insert(0, (Plan(b.plan.schedule, b.plan.microbatches, b.plan.batch_size,
+                                     [StagePlan(s.start, s.end, s.replicas, list(s.devices), s.checkpoint)
+                                      for s in b.plan.stages]), b.simulation))
+                chosen_from = f"baseline {name}"
+    plan, sim = sims[0]
+    annotate(plan, sim, cm, profile)
+    plan.predicted["chosen_from"] = chosen_from
+    plan.predicted["search_step_seconds"] = searched
+    plan.predicted["optimality_gap"] = gap
+    return PlanReport(plan, sim, cm, base, sims[1:], elapsed, len(bounds) - 1, calls, count, chosen_from, searched, gap)
 
 
 def infeasible(cm: CostModel, bounds: list[int], space: SearchSpace, forced: bool) -> RanncError:

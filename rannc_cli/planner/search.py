@@ -104,6 +104,11 @@ class SearchResult:
     best: Candidate | None
     candidates: list[Candidate] = field(default_factory=list)
     dp_calls: int = 0
+    lower_bound: float = INF  # least objective of any plan; equals best.objective when proven optimal
+
+    @property
+    def exact(self) -> bool:
+        return self.best is None or self.lower_bound >= self.best.objective * (1 - 1e-12)
 
 
 class _Tables:
@@ -300,8 +305,18 @@ def unit_ranges(cm: CostModel, bounds: list[int]) -> dict[str, np.ndarray]:
     return out
 
 
-def search(cm: CostModel, bounds: list[int], space: SearchSpace, keep: int = 64) -> SearchResult:
-    """Exact optimum of the objective over the search space (see the module doc)."""
+def search(cm: CostModel, bounds: list[int], space: SearchSpace, keep: int = 64, budget: int | None = -1) -> SearchResult:
+    """Exact optimum of the objective over the search space (see the module doc).
+
+    ``budget`` caps the regions explored per (schedule, M) (-1: the ``planner_dp_budget`` setting,
+    None: no cap). When a cap stops the search, ``SearchResult.lower_bound`` is the least objective
+    any unexplored plan could have, so the best plan is within ``best / lower_bound - 1`` of optimal.
+    """
+    if budget == -1:
+        from rannc_cli.config import settings
+
+        budget = int(settings.get("planner_dp_budget")) or None
+    open_bound = INF
     ranges = unit_ranges(cm, bounds)
     best: Candidate | None = None
     seen: dict[tuple, Candidate] = {}
@@ -338,13 +353,26 @@ def search(cm: CostModel, bounds: list[int], space: SearchSpace, keep: int = 64)
         ok = np.isfinite(t.UT)
         levels = [np.unique(arr[ok]) for arr in coords] + [np.unique(np.broadcast_to(t.AR[..., None, None], ok.shape)[ok])]
         memo: dict[tuple[int, ...], tuple | None] = {}
+        visited: dict[tuple[int, ...], list[tuple[float, ...]]] = {}
         stack: list[tuple[tuple[float, ...], float, tuple[float, ...], tuple | None]] = [
             (tuple([INF] * ncoord), res0[0], tuple(lower_bounds), res0)]
+        runs = 0
         while stack:
+            if budget is not None and runs >= budget:  # stop; remember how far from proven the rest is
+                for thr_, ps_, lw_, _ in stack:
+                    open_bound = min(open_bound, ps_ + sum(w * x for w, x in zip(w_all, lw_)))
+                break
+            runs += 1
             thr, parent_sum, lowers, pre = stack.pop()
             bound = parent_sum + sum(w * x for w, x in zip(w_all, lowers))
             if best is not None and bound >= best.objective * (1 - 1e-12):
                 continue
+            # a region is its thresholds plus "coordinate k >= lowers[k]"; one already expanded with
+            # the same thresholds and lower-or-equal lowers contains this one
+            region = tuple(int(np.searchsorted(levels[c], thr[c], side="right")) for c in range(ncoord))
+            if any(all(o <= n for o, n in zip(old, lowers)) for old in visited.get(region, ())):
+                continue
+            visited.setdefault(region, []).append(lowers)
             if pre is not None:
                 res = pre
             else:
@@ -379,7 +407,8 @@ def search(cm: CostModel, bounds: list[int], space: SearchSpace, keep: int = 64)
                     new_low[k] = max(new_low[k], xs[k])
                 stack.append((tuple(new_thr), total, tuple(new_low), None))
     cands = sorted(seen.values(), key=lambda c: c.objective)[:keep]
-    return SearchResult(best, cands, calls)
+    lower = best.objective if best is not None and open_bound >= best.objective else open_bound
+    return SearchResult(best, cands, calls, lower if best is not None else INF)
 
 
 def min_devices(cm: CostModel, bounds: list[int], space: SearchSpace) -> int | None:
@@ -409,3 +438,14 @@ def min_devices(cm: CostModel, bounds: list[int], space: SearchSpace) -> int | N
                         F[e, J] = min(F[e, J], v[J - 1])
             best = min(best, F[U, 0])
     return None if not np.isfinite(best) else int(best)
+
+
+def feasible(cm: CostModel, bounds: list[int], space: SearchSpace) -> bool:
+    """Whether any plan of ``space`` fits in memory (one DP per schedule and microbatch count, largest M first)."""
+    ranges = unit_ranges(cm, bounds)
+    for schedule in space.schedules:
+        for m in sorted(space.microbatches, reverse=True):
+            t = _Tables(cm, bounds, space, schedule, m, ranges)
+            if t.R and t.dp(t.UT) is not None:
+                return True
+    return False

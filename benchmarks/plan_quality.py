@@ -1,0 +1,50 @@
+"""Plan quality: predicted step of rannc's plan / the best baseline's, per model family and cluster.
+
+    python benchmarks/plan_quality.py
+
+Baselines (rannc_cli/planner/baselines.py): pure data parallel, uniform layer split, parameter-
+balanced split (DeepSpeed default), time-balanced split (torchgpipe balance_by_time), each with
+uniform replicas and its best stage count and microbatch count. All are priced by the same
+simulator. Targets: ratio <= 1.0 everywhere, <= 0.9 on the heterogeneous models (ResNet, hybrid).
+"search only" is the ratio of the search's own best plan, before `rannc plan` falls back to a
+faster baseline (possible when the baseline's stage boundaries fall inside coarsened units).
+Profiles are analytic (rannc_cli.planner.synthetic, V100-16GB formulas), 16 GiB GPUs.
+"""
+
+from __future__ import annotations
+
+from rannc_cli.planner.cluster import ClusterSpec
+from rannc_cli.planner.planner import make_plan
+from rannc_cli.planner.synthetic import bert_profile, hybrid_profile, resnet_profile
+
+MODELS = {
+    "BERT-class L48 H2048 (2.5B)": lambda: bert_profile(layers=48, hidden=2048, batch_size=512),
+    "ResNet-152 x8 filters": lambda: resnet_profile(width=8, depths=(3, 8, 36, 3), batch_size=512),
+    "CNN(x4)+Transformer L24 H2048": lambda: hybrid_profile(cnn_width=4, layers=24, hidden=2048, batch_size=512),
+}
+CLUSTERS = [(1, 8), (4, 8), (16, 8)]
+
+
+def main() -> None:
+    print(f"{'model':32} {'cluster':>7} {'rannc ms':>9} {'best baseline':>22} {'ratio':>6} {'search only':>11}  plan")
+    for name, make in MODELS.items():
+        prof = make()
+        for nodes, gpus in CLUSTERS:
+            rep = make_plan(prof, ClusterSpec.from_flags(nodes, gpus, "16GiB"))
+            feasible = {k: b for k, b in rep.baselines.items() if b is not None}
+            step = rep.simulation.step_seconds
+            if feasible:
+                bname, b = min(feasible.items(), key=lambda kv: kv[1].simulation.step_seconds)
+                bs = b.simulation.step_seconds
+                best = f"{bname} {1e3 * bs:.1f}"
+                ratio = f"{step / bs:.3f}"
+                alone = f"{rep.search_step_seconds / bs:.3f}"
+            else:
+                best, ratio, alone = "none fits", "-", "-"
+            reps = ",".join(str(s.replicas) for s in rep.plan.stages)
+            print(f"{name:32} {nodes}x{gpus:<5} {1e3 * step:9.1f} {best:>22} {ratio:>6} {alone:>11}  "
+                  f"{len(rep.plan.stages)} stages [{reps}] M={rep.plan.microbatches}")
+
+
+if __name__ == "__main__":
+    main()
