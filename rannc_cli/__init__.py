@@ -4,14 +4,14 @@
     model = RaNNCModule(model, optimizer)
 
 Importing this package is cheap: torch is only imported when ``RaNNCModule``
-(or another torch-backed name) is first used.
+(or ``deferred_init``, another torch-backed name) is first used.
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["RaNNCModule", "__version__"]
+__all__ = ["RaNNCModule", "deferred_init", "__version__"]
 
 
 def __getattr__(name: str):
@@ -19,4 +19,8 @@ def __getattr__(name: str):
         from rannc_cli.runtime.module import RaNNCModule
 
         return RaNNCModule
+    if name == "deferred_init":
+        from rannc_cli.runtime.deferred import deferred_init
+
+        return deferred_init
     raise AttributeError(f"module 'rannc_cli' has no attribute {name!r}")

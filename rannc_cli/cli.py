@@ -103,6 +103,31 @@ def plan_cmd(
                  out=out, as_json=as_json, timeline=timeline, explain=explain, exhaustive=exhaustive, evaluate=evaluate)
 
 
+# --------------------------------------------------------------------------- run
+@app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def run_cmd(
+    ctx: typer.Context,
+    script: Path = typer.Argument(..., help="Training script that wraps its model in RaNNCModule."),
+    nproc: int = typer.Option(..., "--nproc", "-n", help="Worker processes to start on this machine (one GPU each where there are GPUs)."),
+    stages: Optional[int] = typer.Option(None, "--stages", help="Force the number of pipeline stages."),
+    replicas: Optional[str] = typer.Option(None, "--replicas", help="Force replicas per stage, e.g. 2,1,1 (implies --stages)."),
+    microbatches: Optional[int] = typer.Option(None, "--microbatches", help="Force the number of microbatches."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="Pipeline schedule: 1f1b (default) or gpipe."),
+    plan: Optional[Path] = typer.Option(None, "--plan", help="Run this plan file (`rannc plan --out`) instead of planning at the first forward."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Activation checkpointing: auto (as planned), on or off."),
+) -> None:
+    """Run a training script in N local processes as one pipeline + data parallel job.
+
+    Script arguments follow `--`: rannc run --nproc 4 train.py -- --lr 0.1
+    """
+    from rannc_cli.planner.command import _parse_replicas
+    from rannc_cli.runtime.launcher import run_local
+
+    code = run_local(script, list(ctx.args), nproc, stages=stages, replicas=_parse_replicas(replicas),
+                     microbatches=microbatches, schedule=schedule, plan=plan, checkpoint=checkpoint)
+    raise typer.Exit(code)
+
+
 # --------------------------------------------------------------------------- config
 @app.command("config")
 def config_cmd(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
@@ -143,7 +168,9 @@ def topology(
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point: run the app, turning RanncError into one clear line and exit code 2."""
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int) and code:  # a command's typer.Exit(code), e.g. `rannc run`'s workers' code
+            return code
     except RanncError as exc:
         if exc.cause is not None and os.environ.get("RANNC_DEBUG"):
             import traceback

@@ -76,6 +76,18 @@ REGISTRY: dict[str, Setting] = {
         Setting("runtime_profile", "auto", "Runtime planning: how rank 0 profiles, measured or estimated (auto: measured on CPU, estimated on GPUs).", str),
         Setting("runtime_memory", "", "Runtime planning: memory per process to plan for, like 4GiB (empty: the GPU's, or host memory / processes).", str),
         Setting("loss_reduction", "mean", "Runtime: how the model's loss reduces over the batch, mean or sum (microbatch losses are combined to match).", str),
+        # runtime (RaNNCModule under `rannc run`, torchrun, srun or mpiexec; docs/runtime.md)
+        Setting("plan", "", "Runtime: plan file to run (`rannc plan --out`); empty means rank 0 profiles and plans at the first forward.", str),
+        Setting("stages", 0, "Runtime planning: force this many pipeline stages (0: the planner decides).", int),
+        Setting("replicas", "", "Runtime planning: force replicas per stage, a comma list like 2,1,1 (implies stages).", str),
+        Setting("microbatches", 0, "Runtime planning: force this many microbatches (0: the planner decides).", int),
+        Setting("schedule", "1f1b", "Runtime planning: pipeline schedule, 1f1b or gpipe (empty: the planner decides).", str),
+        Setting("checkpoint", "auto", "Runtime: activation checkpointing per stage: auto (as the plan says), on or off.", str),
+        Setting("runtime_timeout", 300.0, "Runtime: seconds a collective or transfer may wait before the job fails (bounds hangs when a rank dies).", float),
+        Setting("runtime_device", "auto", "Runtime: auto (the local GPU if any, else CPU), cpu or cuda.", str),
+        Setting("runtime_profile", "auto", "Runtime planning: how rank 0 profiles, measured or estimated (auto: measured on CPU, estimated on GPUs).", str),
+        Setting("runtime_memory", "", "Runtime planning: memory per process to plan for, like 4GiB (empty: the GPU's, or host memory / processes).", str),
+        Setting("loss_reduction", "mean", "Runtime: how the model's loss reduces over the batch, mean or sum (microbatch losses are combined to match).", str),
     ]
 }
 

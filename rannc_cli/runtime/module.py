@@ -1,17 +1,26 @@
 """RaNNCModule: the one line a user adds to a single-device training script.
 
     model = RaNNCModule(model, optimizer)
-    loss = model(x, y)            # forward returns the loss
+    loss = model(x, y)            # forward returns the loss, on every rank
     loss.backward(); optimizer.step(); optimizer.zero_grad()
 
 In a single process with no distributed environment the wrapper runs the model as plain
-PyTorch. Under `rannc profile`, its first forward hands the model and the real first batch to
-the profiler (see rannc_cli.runtime.hooks). Distributed pipeline execution builds on the stage
-modules of rannc_cli.graph.stages.
+PyTorch. Under `rannc run`, torchrun, srun or mpiexec (see rannc_cli.runtime.env) the first
+forward captures the model, gets a plan (a plan file, or rank 0 profiles and plans and every rank
+receives the result), and from then on each forward runs one synchronous pipeline + data parallel
+step (rannc_cli.runtime.engine). Under `rannc profile`, the first forward hands the model and the
+real first batch to the profiler (rannc_cli.runtime.hooks).
+
+Options: ``local_batches=True`` (each rank passes its own share of the global batch, in rank
+order), ``plan=`` (a plan file, Plan, or ``{"replicas": [2, 1], "microbatches": 2, ...}`` for an
+even split without profiling), ``stages=``, ``replicas=``, ``microbatches=``, ``schedule=``,
+``checkpoint=`` ('auto', 'on', 'off'), ``loss_reduction=`` ('mean', 'sum'); each overrides the
+RANNC_<NAME> setting of the same name.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +40,27 @@ class RaNNCModule(nn.Module):
         self.optimizer = optimizer
         self.options = options
         self._seen_first_forward = False
+        from rannc_cli.runtime.env import detect_env
+
+        env = detect_env()
+        self._engine = None
+        self._env = env if env is not None and env.world_size > 1 else None
+        if self._env is None:
+            from rannc_cli.runtime.deferred import materialize_all
+
+            materialize_all(model)
+
+    @property
+    def distributed(self) -> bool:
+        return self._env is not None
+
+    def _get_engine(self):
+        if self._engine is None:
+            from rannc_cli.runtime.engine import Engine
+
+            # not an nn.Module attribute: the engine must not appear in children() or state_dict()
+            object.__setattr__(self, "_engine", Engine(self.model, self.optimizer, self._env, dict(self.options)))
+        return self._engine
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if not self._seen_first_forward:
@@ -38,11 +68,54 @@ class RaNNCModule(nn.Module):
             hook = current_hook()
             if hook is not None:
                 hook(self.model, args, kwargs)
-        return self.model(*args, **kwargs)
+        if self._env is None:
+            return self.model(*args, **kwargs)
+        return self._get_engine().forward(args, kwargs)
 
     # The wrapper is transparent for state: checkpoints load into the bare model.
     def state_dict(self, *args: Any, **kwargs: Any):  # type: ignore[override]
-        return self.model.state_dict(*args, **kwargs)
+        """The single-device state dict (on rank 0 of a distributed job; other ranks get their own part)."""
+        if self._engine is None or self._engine.plan is None:
+            return self.model.state_dict(*args, **kwargs)
+        from rannc_cli.runtime.checkpoint import full_state_dict
+
+        return full_state_dict(self._engine)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
-        return self.model.load_state_dict(state_dict, strict=strict, assign=assign)
+        if self._engine is None or self._engine.plan is None:
+            return self.model.load_state_dict(state_dict, strict=strict, assign=assign)
+        from rannc_cli.runtime.checkpoint import load_full_state_dict
+
+        return load_full_state_dict(self._engine, state_dict, strict=strict)
+
+    def save_checkpoint(self, directory: str | Path) -> Path:
+        """Sharded checkpoint for fast resume: the plan and one file per rank (collective).
+
+        A single process writes ``model.pt`` and ``optimizer.pt`` in ``directory`` instead."""
+        if self._env is None:
+            from rannc_cli.runtime.checkpoint import _save_atomic
+
+            directory = Path(directory)
+            _save_atomic(self.model.state_dict(), directory / "model.pt")
+            if self.optimizer is not None:
+                _save_atomic(self.optimizer.state_dict(), directory / "optimizer.pt")
+            return directory
+        from rannc_cli.runtime.checkpoint import save_shards
+
+        return save_shards(self._get_engine(), directory)
+
+    def load_checkpoint(self, directory: str | Path) -> None:
+        """Resume from ``save_checkpoint``: before the first forward it also adopts the saved plan."""
+        if self._env is None:
+            directory = Path(directory)
+            self.model.load_state_dict(torch.load(directory / "model.pt", weights_only=False))
+            if self.optimizer is not None and (directory / "optimizer.pt").is_file():
+                self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=False))
+            return
+        engine = self._get_engine()
+        if engine.plan is None:
+            engine.resume_from = str(directory)  # applied right after the first forward's setup
+            return
+        from rannc_cli.runtime.checkpoint import load_shards
+
+        load_shards(engine, directory)

@@ -1,0 +1,381 @@
+"""The distributed side of RaNNCModule: set up once, then run one training step per forward.
+
+    engine = Engine(model, optimizer, env, options)       # joins the process group
+    loss = engine.forward(args, kwargs)                   # whole schedule, gradients all-reduced
+    loss.backward()                                       # gradients become visible in .grad
+
+Why the whole step runs inside ``forward``: with 1F1B, backwards of early microbatches must run
+before forwards of later ones, so the schedule cannot be split at the point where the user calls
+``backward``. ``forward`` therefore runs every forward and backward of the schedule (seeded with
+the loss gradient the last ``backward`` used, 1.0 at first), all-reduces the gradients, and
+returns the loss through an autograd function whose backward adds ``grad_output / seed`` times
+those gradients to ``.grad``. Plain ``loss.backward()`` (factor 1) and GradScaler (power-of-two
+factors, normally 1 after the first step) are exact; a forward whose loss is never backwarded
+leaves ``.grad`` untouched; gradient accumulation over several forwards works as in PyTorch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import sys
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from rannc_cli.errors import RanncError
+from rannc_cli.graph.blocks import BlockGraph, build_blocks
+from rannc_cli.graph.capture import capture, guess_batch_size
+from rannc_cli.graph.stages import StageModule, build_stages
+from rannc_cli.planner.plan import Plan
+from rannc_cli.runtime.allreduce import GradReducer
+from rannc_cli.runtime.env import DistEnv, device_for, init_distributed
+from rannc_cli.runtime.executor import Executor
+from rannc_cli.runtime.groups import Layout, make_groups
+from rannc_cli.runtime.planning import Constraints, obtain_plan
+
+
+class PeerLost(RanncError):
+    """Another rank stopped answering (it most likely failed; its own error says why)."""
+
+    exit_code = 3
+
+
+_COMM_ERRORS = ("Connection closed", "Connection reset", "Broken pipe", "Timed out", "timed out", "Gloo", "NCCL",
+                "ProcessGroup", "Socket", "socket", "peer")
+
+
+def _is_comm_error(exc: BaseException) -> bool:
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    return isinstance(exc, RuntimeError) and any(s in str(exc) for s in _COMM_ERRORS)
+
+
+def _install_excepthook() -> None:
+    """Uncaught RanncErrors print one line and exit with their code (no traceback)."""
+    if getattr(sys.excepthook, "_rannc", False):
+        return
+    previous = sys.excepthook
+
+    def hook(kind, exc, tb):  # type: ignore[no-untyped-def]
+        if isinstance(exc, RanncError):
+            import os
+
+            print(f"error: {exc.one_line()}", file=sys.stderr, flush=True)
+            if exc.cause is not None and os.environ.get("RANNC_DEBUG"):
+                import traceback
+
+                traceback.print_exception(exc.cause)
+            os._exit(exc.exit_code)
+        previous(kind, exc, tb)
+
+    hook._rannc = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
+
+
+@dataclass
+class Mode:
+    """Graph, stages and executor for one of train() / eval()."""
+
+    bg: BlockGraph
+    stages: list[StageModule]
+    executor: Executor
+
+
+class _PipelineLoss(torch.autograd.Function):
+    """Returns the loss; its backward hands the precomputed gradients to the engine."""
+
+    @staticmethod
+    def forward(ctx, anchor, loss, engine, pending, seed):  # type: ignore[override]
+        ctx.engine, ctx.pending, ctx.seed = engine, pending, seed
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        ctx.engine.apply_grads(ctx.pending, float(grad_output), ctx.seed)
+        return None, None, None, None, None
+
+
+class Engine:
+    """See the module docstring."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, env: DistEnv,
+                 options: dict[str, Any]):
+        from rannc_cli.config import settings
+
+        self.model = model
+        self.optimizer = optimizer
+        self.env = env
+        self.rank, self.world = env.rank, env.world_size
+        self.local_batches = bool(options.pop("local_batches", False))
+        self.loss_reduction = str(options.pop("loss_reduction", None) or settings.get("loss_reduction"))
+        if self.loss_reduction not in ("mean", "sum"):
+            raise RanncError(f"loss_reduction {self.loss_reduction!r} is not known", hint="use mean or sum")
+        self.constraints = Constraints.from_settings(**options)
+        if self.constraints.extra:
+            raise RanncError(f"unknown RaNNCModule option(s): {', '.join(sorted(self.constraints.extra))}",
+                             hint="see docs/runtime.md for the options")
+        self.timeout = datetime.timedelta(seconds=float(settings.get("runtime_timeout")))
+        self.device = device_for(env)
+        init_distributed(env, self.device)
+        _install_excepthook()  # after init_process_group, whose own hook would swallow our line
+        from rannc_cli.runtime.deferred import give_storage, meta_parameters
+
+        deferred = meta_parameters(model)
+        self.deferred = {id(p) for p in deferred}
+        give_storage(deferred)  # uninitialised, untouched memory until planning frees the other stages'
+        self.state_keys = list(model.state_dict(keep_vars=True).keys())
+        self.plan: Plan | None = None
+        self.layout: Layout | None = None
+        self.modes: dict[bool, Mode] = {}
+        self.step = 0
+        self.rng_base = 0
+        self.seed_scale = 1.0
+        self.scaled = False
+        self.anchor = torch.zeros((), requires_grad=True)
+        self.holders: dict[int, tuple[int, ...]] = {}  # id(tensor) -> ranks holding it
+        self.local: list[nn.Parameter] = []
+        self.freed: dict[int, tuple[nn.Parameter, torch.Size]] = {}
+        self.reducer: GradReducer | None = None
+        self.placeholder: nn.Parameter | None = None
+        self.resume_from: str | None = None
+        self._checked_inputs = False
+
+    # ------------------------------------------------------------------ setup
+    def _batch(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The global batch: as given (default) or concatenated from every rank's (local_batches)."""
+        if not self.local_batches:
+            return args, kwargs
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        size = guess_batch_size(args, kwargs)
+        mine = {i: t.detach().cpu() for i, t in enumerate(leaves)
+                if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == size}
+        everyone: list[Any] = [None] * self.world
+        dist.all_gather_object(everyone, mine)
+        for i in mine:
+            leaves[i] = torch.cat([part[i] for part in everyone], dim=0).to(leaves[i].device)
+        return pytree.tree_unflatten(leaves, spec)
+
+    def _check_same_batch(self, args: tuple, kwargs: dict) -> None:
+        sums = []
+        for t in pytree.tree_leaves((args, kwargs)):
+            if isinstance(t, torch.Tensor):
+                sums.append((tuple(t.shape), float(t.detach().double().sum()) if t.numel() else 0.0))
+        everyone: list[Any] = [None] * self.world
+        dist.all_gather_object(everyone, sums)
+        bad = [r for r, s in enumerate(everyone) if s != everyone[0]]
+        if bad:
+            raise RanncError(f"rank {bad[0]} passed a different batch than rank 0; by default every rank must pass "
+                             "the same global batch",
+                             hint="pass the same batch on every rank, or use RaNNCModule(..., local_batches=True) "
+                                  "when each rank loads its own share")
+
+    @contextlib.contextmanager
+    def _full_shapes(self) -> Iterator[None]:
+        """Give freed parameters their shapes back (untouched memory) while the model is captured."""
+        for p, shape in self.freed.values():
+            p.data = torch.empty(shape, dtype=p.dtype)
+        try:
+            yield
+        finally:
+            for p, _ in self.freed.values():
+                p.data = torch.empty(0, dtype=p.dtype)
+
+    def _capture(self, args: tuple, kwargs: dict) -> BlockGraph:
+        with self._full_shapes():
+            return build_blocks(capture(self.model, args, kwargs))
+
+    def _mode(self, args: tuple, kwargs: dict) -> Mode:
+        training = self.model.training
+        if training in self.modes:
+            return self.modes[training]
+        bg = self._capture(args, kwargs)
+        if self.plan is None:
+            self._setup(bg, args, kwargs)
+        assert self.plan is not None and self.layout is not None
+        if self.plan.stages[-1].end != len(bg.blocks):
+            raise RanncError(f"the model has {len(bg.blocks)} blocks in {'train' if training else 'eval'} mode but "
+                             f"{self.plan.stages[-1].end} in the mode it was planned in",
+                             hint="run the first forward in the mode you use most, or use a plan per mode")
+        assignment = [i for i, st in enumerate(self.plan.stages) for _ in range(st.start, st.end)]
+        stages = build_stages(bg, assignment)
+        role = self.layout.role(self.rank)
+        if role is not None and self.modes:
+            known = {id(p) for p in self.local}
+            extra = [n for n, p in stages[role[0]].graph_module.named_parameters() if id(p) not in known]
+            if extra:
+                raise RanncError(f"stage {role[0]} needs parameters in {'train' if training else 'eval'} mode that "
+                                 f"it does not hold in the other mode ({extra[0]})", hint="please report this model")
+        if role is not None and self.device.type != "cpu":
+            stages[role[0]].graph_module.to(self.device)
+        ex = Executor(bg, stages, self.layout, self.rank, self.device, self.plan.schedule, self.plan.microbatches,
+                      [st.checkpoint for st in self.plan.stages], self.loss_reduction, self.rng_base)
+        self.modes[training] = Mode(bg, stages, ex)
+        return self.modes[training]
+
+    def _setup(self, bg: BlockGraph, args: tuple, kwargs: dict) -> None:
+        """Plan (or load the plan), place parameters, make groups, trim the optimizer."""
+        batch_size = bg.captured.batch_size
+        c = self.constraints
+        if self.resume_from is not None:
+            from pathlib import Path
+
+            c.plan = Path(self.resume_from) / "plan.yaml"
+        with self._full_shapes():
+            self.plan, self.rng_base = obtain_plan(self.model, args, kwargs, len(bg.blocks), batch_size, self.env,
+                                                   self.device, c, estimate=bool(self.deferred))
+        self.layout = Layout.from_plan(self.plan, self.world, self.env.local_world_size)
+        if self.rank == 0 and not self.constraints.quiet:
+            parts = " | ".join(f"{st.start}-{st.end - 1} x{st.replicas}{' ckpt' if st.checkpoint else ''}"
+                               for st in self.plan.stages)
+            print(f"rannc: plan {len(self.plan.stages)} stage(s) [blocks {parts}], {self.plan.microbatches} "
+                  f"microbatch(es), {self.plan.schedule}, {self.world} process(es), {self.device.type}",
+                  file=sys.stderr, flush=True)
+        assignment = [i for i, st in enumerate(self.plan.stages) for _ in range(st.start, st.end)]
+        stages = build_stages(bg, assignment)
+        holders: dict[int, set[int]] = {}
+        objects: dict[int, torch.Tensor] = {}
+        for st in stages:
+            for t in [*st.graph_module.parameters(), *st.graph_module.buffers()]:
+                holders.setdefault(id(t), set()).update(self.layout.stage_ranks[st.index])
+                objects[id(t)] = t
+        self.holders = {k: tuple(sorted(v)) for k, v in holders.items()}
+        groups = make_groups([r for r in self.holders.values()] + [tuple(r) for r in self.layout.stage_ranks],
+                             self.timeout)
+        role = self.layout.role(self.rank)
+        local_ids = {k for k, v in self.holders.items() if self.rank in v}
+        seen: set[int] = set()
+        fresh: set[int] = set()
+        self.local = []
+        for p in self.model.parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if id(p) in local_ids:
+                self.local.append(p)
+                if id(p) in self.deferred:
+                    fresh.add(id(p))
+                if p.device != self.device:
+                    p.data = p.data.to(self.device)
+            elif id(p) in self.holders:  # another rank's stage holds it
+                self.freed[id(p)] = (p, p.shape)
+                p.data = torch.empty(0, dtype=p.dtype)
+                p.grad = None
+        if fresh:
+            from rannc_cli.runtime.deferred import reset_modules
+
+            missing = reset_modules(self.model, fresh, self.rng_base)
+            if missing and self.resume_from is None:
+                print(f"rannc: rank {self.rank}: modules without reset_parameters() keep uninitialised parameters "
+                      f"until a checkpoint is loaded: {', '.join(missing[:5])}", file=sys.stderr, flush=True)
+        for b in self.model.buffers():
+            if id(b) in local_ids and b.device != self.device:
+                b.data = b.data.to(self.device)
+        by_ranks: dict[tuple[int, ...], list[nn.Parameter]] = {}
+        for p in self.local:
+            if p.requires_grad:
+                by_ranks.setdefault(self.holders[id(p)], []).append(p)
+        self.reducer = GradReducer(by_ranks, groups, self.rank)
+        if self.optimizer is not None:
+            from rannc_cli.runtime.checkpoint import trim_optimizer
+
+            trim_optimizer(self, self.optimizer)
+            if not self.local:
+                # A rank without a stage steps an empty placeholder, so that GradScaler.step (which
+                # insists on at least one gradient) behaves as on every other rank.
+                self.placeholder = nn.Parameter(torch.zeros(0, device=self.device))
+                self.optimizer.param_groups[0]["params"].append(self.placeholder)
+        del role, objects
+        if self.resume_from is not None:
+            from rannc_cli.runtime.checkpoint import load_shards
+
+            load_shards(self, self.resume_from)
+
+    # ------------------------------------------------------------------ one step
+    def forward(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        try:
+            return self._forward(args, kwargs)
+        except RanncError:
+            raise
+        except Exception as exc:
+            if _is_comm_error(exc):
+                import time
+
+                time.sleep(1.0)  # let the rank that failed first report before this one does
+                raise PeerLost(f"rank {self.rank} lost contact with the other ranks during a step "
+                               f"({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})",
+                               hint="another rank most likely failed; its error is the one to read", cause=exc) from None
+            raise
+
+    def _forward(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        args, kwargs = self._batch(args, kwargs)
+        if not self._checked_inputs:
+            if not self.local_batches:
+                self._check_same_batch(args, kwargs)
+            self._checked_inputs = True
+        mode = self._mode(args, kwargs)
+        captured = mode.bg.captured
+        values = captured.flatten_inputs(args, kwargs)
+        sizes = {v.shape[i.batch_dim] for i in captured.inputs if i.is_tensor and i.batch_dim is not None
+                 for v in [values[i.placeholder]]}
+        if len(sizes) != 1:
+            raise RanncError(f"the batch's tensors disagree on the batch size ({sorted(sizes)})",
+                             hint="give every batch input the same first dimension")
+        batch_size = sizes.pop()
+        train = torch.is_grad_enabled()
+        out_device = next((t.device for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)),
+                          self.device)
+        loss_dtype = captured.node(captured.loss_node).meta["val"].dtype
+        stash: dict[nn.Parameter, torch.Tensor | None] = {}
+        if train:
+            for p in self.local:
+                stash[p], p.grad = p.grad, None
+        seed = self.seed_scale
+        assert self.reducer is not None
+        try:
+            local = mode.executor.run(values, batch_size, train, seed, self.step)
+            if train:
+                self.reducer.start()
+                self.reducer.finish()
+            flag = 0.0
+            if train and self.scaled:
+                flag = float(any(p.grad is not None and not torch.isfinite(p.grad).all() for p in self.local))
+            total = torch.tensor([float(local), flag], dtype=torch.float64, device=self.device)
+            dist.all_reduce(total)
+            pending: dict[nn.Parameter, torch.Tensor | None] = {}
+            if train:
+                nonfinite = bool(total[1].item() > 0)
+                for p in self.local:
+                    g = p.grad
+                    if nonfinite and g is not None:
+                        g.fill_(float("nan"))  # every rank skips the step, as one GradScaler would
+                    pending[p] = g
+                if self.placeholder is not None:
+                    pending[self.placeholder] = torch.zeros(0, device=self.device)
+        finally:
+            if train:
+                for p, g in stash.items():
+                    p.grad = g
+        loss = total[0].to(dtype=loss_dtype, device=out_device)
+        if not train:
+            return loss
+        self.step += 1
+        return _PipelineLoss.apply(self.anchor, loss, self, pending, seed)
+
+    def apply_grads(self, pending: dict[nn.Parameter, torch.Tensor | None], grad_output: float, seed: float) -> None:
+        """``loss.backward()``: add grad_output / seed times this step's gradients to ``.grad``."""
+        factor = grad_output / seed
+        for p, g in pending.items():
+            if g is None:
+                continue
+            if factor != 1.0:
+                g = g * factor
+            p.grad = g if p.grad is None else p.grad + g
+        if grad_output != 1.0:
+            self.scaled = True
+        if grad_output != 0.0 and grad_output == grad_output and abs(grad_output) != float("inf"):
+            self.seed_scale = grad_output

@@ -1,0 +1,234 @@
+"""Training cases shared by the runtime tests and their worker script (tests/runtime_worker.py).
+
+    case = {"id": "tied_211", "model": "tied_weights", "options": {"plan": {"replicas": [2, 1, 1]}}}
+    ref = train_reference(case)                      # plain PyTorch, one process
+    got = load_result(out / "tied_211.pt")          # what rank 0 of `rannc run` saved
+    assert not compare(ref, got)                     # [] when every number matches
+
+A case trains ``steps`` steps (default 5) on its zoo model with dropout switched off, on a batch
+that changes a little each step; SGD with momentum unless ``optimizer`` says adam. Keys:
+options (RaNNCModule options), local_batches, autocast ('bf16'), scaler (GradScaler init scale),
+deferred (build under deferred_init, then load the reference's initial weights), reload (load
+the initial weights after training and report the no-grad loss), start (first step index, for
+resumed runs).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from zoo import ZOO
+
+
+def no_dropout(model: nn.Module) -> nn.Module:
+    for mod in model.modules():
+        if isinstance(mod, nn.Dropout):
+            mod.p = 0.0
+        if isinstance(getattr(mod, "dropout", None), float):
+            mod.dropout = 0.0
+    return model
+
+
+def build(case: dict) -> tuple[nn.Module, tuple]:
+    torch.manual_seed(case.get("seed", 0))
+    model, batch = ZOO[case["model"]]()
+    return no_dropout(model), batch
+
+
+def batch_at(batch: tuple, step: int) -> tuple:
+    """The case's batch at ``step``: float tensors scaled a little, so every step sees new data."""
+    return pytree.tree_map(lambda t: t * (1.0 + 0.05 * step) if isinstance(t, torch.Tensor) and t.is_floating_point()
+                           else t, batch)
+
+
+def make_optimizer(case: dict, params: Any) -> torch.optim.Optimizer:
+    if case.get("optimizer") == "adam":
+        return torch.optim.Adam(params, lr=1e-2)
+    return torch.optim.SGD(params, lr=0.05, momentum=0.9)
+
+
+def _autocast(case: dict):
+    import contextlib
+
+    if case.get("autocast") == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _train(case: dict, model: nn.Module, forward: Any, opt: torch.optim.Optimizer, batch: tuple, rank: int = 0,
+           fail_rank: int = -1, save: Any = None, save_at: int = -1) -> list[float]:
+    scaler = torch.amp.GradScaler("cpu", init_scale=float(case["scaler"])) if case.get("scaler") else None
+    losses = []
+    start = int(case.get("start", 0))
+    for step in range(start, start + int(case.get("steps", 5))):
+        if step == 2 and rank == fail_rank:
+            raise ValueError(f"injected failure on rank {rank} at step {step}")
+        args, kwargs = batch_at(batch, step)
+        with _autocast(case):
+            loss = forward(*args, **kwargs)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+        if save is not None and step + 1 == save_at:
+            save()
+    return losses
+
+
+def _evaluate(forward: Any, module: nn.Module, batch: tuple) -> dict[str, float]:
+    args, kwargs = batch
+    with torch.no_grad():
+        no_grad = float(forward(*args, **kwargs))
+        module.eval()
+        evaluated = float(forward(*args, **kwargs))
+        module.train()
+    return {"no_grad": no_grad, "eval": evaluated}
+
+
+def train_reference(case: dict) -> dict[str, Any]:
+    model, batch = build(case)
+    initial = copy.deepcopy(model.state_dict())
+    opt = make_optimizer(case, model.parameters())
+    losses = _train(case, model, model, opt, batch)
+    result = {"losses": losses, "state": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(opt.state_dict()),
+              **_evaluate(model, model, batch)}
+    if case.get("reload"):
+        model.load_state_dict(initial)
+        with torch.no_grad():
+            result["reloaded"] = float(model(*batch[0], **batch[1]))
+    return result
+
+
+def local_share(batch: tuple, rank: int, world: int) -> tuple:
+    """This rank's contiguous share of every batch tensor (local_batches mode)."""
+    from rannc_cli.graph.capture import guess_batch_size
+    from rannc_cli.runtime.microbatch import split_sizes
+
+    size = guess_batch_size(*batch)
+    sizes = split_sizes(size, world)
+    start = sum(sizes[:rank])
+    return pytree.tree_map(lambda t: t[start:start + sizes[rank]] if isinstance(t, torch.Tensor) and t.dim() > 0
+                           and t.shape[0] == size else t, batch)
+
+
+def train_distributed(case: dict, rank: int, fail_rank: int = -1, resume: str = "", save_at: int = -1,
+                      checkpoint_dir: Path | None = None) -> dict[str, Any]:
+    from rannc_cli import RaNNCModule, deferred_init
+
+    if case.get("deferred"):
+        reference_model, batch = build(case)
+        initial = copy.deepcopy(reference_model.state_dict())
+        with deferred_init():
+            model, _ = build(case)
+    else:
+        model, batch = build(case)
+        initial = copy.deepcopy(model.state_dict())
+    opt = make_optimizer(case, model.parameters())
+    options = dict(case.get("options", {}))
+    options.setdefault("quiet", True)
+    if case.get("local_batches"):
+        options["local_batches"] = True
+    wrapped = RaNNCModule(model, opt, **options)
+    if resume:
+        wrapped.load_checkpoint(resume)
+    total = sum(p.numel() for p in model.parameters())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_batch = local_share(batch, rank, world) if case.get("local_batches") else batch
+    if case.get("deferred"):
+        with torch.no_grad():
+            wrapped(*local_batch[0], **local_batch[1])  # first forward: plan, materialise this rank's stage
+        wrapped.load_state_dict(initial)
+    forward = wrapped
+
+    def step_batch_forward(*args: Any, **kwargs: Any) -> Any:
+        return forward(*args, **kwargs)
+
+    if case.get("local_batches"):
+        def step_batch_forward(*args: Any, **kwargs: Any) -> Any:  # noqa: F811
+            a, k = local_share((args, kwargs), rank, world)
+            return forward(*a, **k)
+
+    losses = _train(case, model, step_batch_forward, opt, batch, rank, fail_rank,
+                    save=(lambda: wrapped.save_checkpoint(checkpoint_dir)) if checkpoint_dir else None,
+                    save_at=save_at)
+    held = sum(p.numel() for p in model.parameters())  # non-local parameters are freed after planning
+    result: dict[str, Any] = {"losses": losses, "state": wrapped.state_dict(), "optimizer": opt.state_dict(),
+                              **_evaluate(step_batch_forward, wrapped, batch), "held_numel": held,
+                              "total_numel": total}
+    if case.get("reload"):
+        wrapped.load_state_dict(initial)
+        with torch.no_grad():
+            result["reloaded"] = float(step_batch_forward(*batch[0], **batch[1]))
+    return result
+
+
+def save_result(result: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(result, tmp)
+    os.replace(tmp, path)
+
+
+def load_result(path: Path) -> dict:
+    return torch.load(path, weights_only=False)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rtol: float, atol: float) -> tuple[bool, float]:
+    a, b = a.detach().double(), b.detach().double()
+    if a.shape != b.shape:
+        return False, float("inf")
+    same = torch.isclose(a, b, rtol=rtol, atol=atol, equal_nan=True)
+    finite = torch.isfinite(a) & torch.isfinite(b)
+    diff = float((a - b)[finite].abs().max()) if finite.any() else 0.0
+    return bool(same.all()), diff
+
+
+def compare(ref: dict, got: dict, rtol: float = 1e-5, atol: float = 1e-6, keys: tuple = ("losses", "state",
+            "no_grad", "eval")) -> tuple[list[str], float]:
+    """Mismatches between a reference and a distributed result, and the largest absolute difference."""
+    bad: list[str] = []
+    worst = 0.0
+    if "losses" in keys:
+        ok, diff = _close(torch.tensor(ref["losses"]), torch.tensor(got["losses"]), rtol, atol)
+        worst = max(worst, diff)
+        if not ok:
+            bad.append(f"losses differ: {ref['losses']} vs {got['losses']}")
+    if "state" in keys:
+        if list(ref["state"]) != list(got["state"]):
+            bad.append(f"state dict keys differ: {list(ref['state'])} vs {list(got['state'])}")
+        for k, v in ref["state"].items():
+            if k in got["state"]:
+                ok, diff = _close(v, got["state"][k], rtol, atol)
+                worst = max(worst, diff)
+                if not ok:
+                    bad.append(f"{k} differs by {diff:.3g}")
+    for k in ("no_grad", "eval", "reloaded"):
+        if k in keys and k in ref:
+            ok, diff = _close(torch.tensor(ref[k]), torch.tensor(got[k]), rtol, atol)
+            worst = max(worst, diff)
+            if not ok:
+                bad.append(f"{k} loss differs: {ref[k]} vs {got[k]}")
+    if "optimizer" in keys:
+        rs, gs = ref["optimizer"]["state"], got["optimizer"]["state"]
+        if sorted(rs) != sorted(gs):
+            bad.append(f"optimizer state indices differ: {sorted(rs)} vs {sorted(gs)}")
+        for idx, st in rs.items():
+            for name, v in st.items():
+                if isinstance(v, torch.Tensor) and idx in gs:
+                    ok, diff = _close(v, gs[idx][name], rtol, atol)
+                    worst = max(worst, diff)
+                    if not ok:
+                        bad.append(f"optimizer state {idx}.{name} differs by {diff:.3g}")
+    return bad, worst
