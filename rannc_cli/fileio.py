@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 
 def write_text_atomic(path: Path | str, text: str, mode: int | None = None) -> Path:
@@ -28,3 +29,26 @@ def write_text_atomic(path: Path | str, text: str, mode: int | None = None) -> P
             os.unlink(tmp)
         raise
     return path
+
+
+def read_yaml(path: Path | str, what: str, create_hint: str) -> Any:
+    """Parse a YAML file the user pointed at; every failure is one RanncError line.
+
+        data = read_yaml("plan.yaml", "plan file", "create one with `rannc plan --out FILE`")
+    """
+    import yaml
+
+    from rannc_cli.errors import RanncError
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise RanncError(f"{what} {path} does not exist", hint=create_hint) from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise RanncError(f"cannot read {what} {path} ({type(exc).__name__})", hint=create_hint) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RanncError(f"{what} {path} is not valid YAML ({' '.join(str(exc).split())[:200]})",
+                         hint=create_hint) from None

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from rannc_cli.errors import RanncError
-from rannc_cli.fileio import write_text_atomic
+from rannc_cli.fileio import read_yaml, write_text_atomic
 
 FORMAT_NAME = "rannc-profile"
 FORMAT_VERSION = 1
@@ -238,15 +238,7 @@ class Profile:
 
     @classmethod
     def load(cls, path: Path | str) -> "Profile":
-        import yaml
-
-        path = Path(path)
-        if not path.is_file():
-            raise RanncError(f"profile file {path} does not exist", hint="create one with `rannc profile SCRIPT --out FILE`")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise RanncError(f"profile file {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+        data = read_yaml(path, "profile file", "create one with `rannc profile SCRIPT --out FILE`")
         return cls.from_dict(data, str(path))
 
     def validate(self, source: str = "<profile>") -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from rannc_cli.errors import RanncError
-from rannc_cli.fileio import write_text_atomic
+from rannc_cli.fileio import read_yaml, write_text_atomic
 from rannc_cli.topology.fingerprint import cluster_fingerprint, node_shape
 
 FORMAT_NAME = "rannc-topology"
@@ -199,20 +199,8 @@ class Topology:
 
     @classmethod
     def load(cls, path: Path | str) -> "Topology":
-        import yaml
-
         path = Path(path)
-        try:
-            text = path.read_text()
-        except FileNotFoundError:
-            raise RanncError(f"topology file {path} does not exist", hint="write one with `rannc topology --out FILE`") from None
-        except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
-            raise RanncError(f"cannot read topology file {path} ({type(exc).__name__})") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise RanncError(f"topology file {path} is not valid YAML ({' '.join(str(exc).split())})",
-                             hint="write it again with `rannc topology --out FILE`") from None
+        data = read_yaml(path, "topology file", "write one with `rannc topology --out FILE`")
         return cls.from_dict(data, origin=f"topology file {path}")
 
     def save(self, path: Path | str) -> Path:
