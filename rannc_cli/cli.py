@@ -165,6 +165,86 @@ def topology(
                      partition=partition, nodes=nodes, measure_procs=measure_procs)
 
 
+# --------------------------------------------------------------------------- submit
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def submit(
+    ctx: typer.Context,
+    script: Path = typer.Argument(..., help="Training script that wraps its model in RaNNCModule."),
+    nodes: int = typer.Option(1, "--nodes", "-N", help="Nodes for the training job."),
+    gpus: int = typer.Option(..., "--gpus", "-G", help="GPUs per node (local backend without GPUs: processes)."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="slurm, pbs or local (default: the site's, else the `scheduler` setting, else local)."),
+    site: Optional[str] = typer.Option(None, "--site", help="Site config (configs/<NAME>.yaml or a path): queue, account form, modules, limits."),
+    host: Optional[str] = typer.Option(None, "--host", help="Submit on a login node over SSH: user@login.example[:port] or a ~/.ssh/config alias."),
+    time_limit: Optional[str] = typer.Option(None, "--time", "-t", help="Time limit, e.g. 2:00:00, 1-00:00:00, 90m."),
+    queue: Optional[str] = typer.Option(None, "--queue", "-q", "--partition", help="Slurm partition / PBS queue (default: the site's)."),
+    account: Optional[str] = typer.Option(None, "--account", "-A", help="Account (Slurm) or group (PBS group_list / -P)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Job name (default: the script's name)."),
+    env: Optional[List[str]] = typer.Option(None, "--env", "-e", help="NAME=VALUE for every rank (repeatable)."),
+    device: str = typer.Option("auto", "--device", help="Profile on: auto (CUDA when the node has it), cpu or cuda."),
+    profile: Optional[Path] = typer.Option(None, "--profile", "-p", help="Use this profile file (skips the profiling job)."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Profile again even when a matching profile is cached."),
+    python: Optional[str] = typer.Option(None, "--python", help="Python on the cluster (default: this one; with --host the remote_python setting)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the job scripts, commands and plan summary; submit nothing."),
+    wait: bool = typer.Option(False, "--wait", help="Wait for the job to end; exit non-zero unless it COMPLETED."),
+) -> None:
+    """Profile, plan and train in one command: a profiling job, then the training job after it.
+
+    Script arguments follow `--`: rannc submit train.py --nodes 2 --gpus 4 -- --lr 0.1
+    """
+    from rannc_cli.scheduler.submit import submit as submit_job
+
+    submit_job(script=script, script_args=list(ctx.args), nodes=nodes, gpus=gpus, scheduler=scheduler, site=site,
+               host=host, time_limit=time_limit, queue=queue, account=account, name=name, env=env, device=device,
+               profile=profile, use_cache=not no_cache, dry_run=dry_run, wait=wait, python=python)
+
+
+# --------------------------------------------------------------------------- jobs
+@app.command("jobs")
+def jobs_cmd(
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+    limit: int = typer.Option(20, "--limit", "-n", min=1, help="Most recent jobs to show."),
+) -> None:
+    """Recent jobs (from the logs folder): id, name, backend, state, nodes, elapsed."""
+    from rannc_cli.scheduler.jobs import list_jobs
+
+    list_jobs(as_json=as_json, limit=limit)
+
+
+# --------------------------------------------------------------------------- status
+@app.command("status")
+def status_cmd(
+    job: str = typer.Argument(..., help="Job id (or a prefix, the folder, or a scheduler job id)."),
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+) -> None:
+    """Each phase's state (profile, plan, train), predicted vs observed step time, the failing rank's line."""
+    from rannc_cli.scheduler.jobs import job_status
+
+    job_status(job, as_json=as_json)
+
+
+# --------------------------------------------------------------------------- logs
+@app.command("logs")
+def logs_cmd(
+    job: str = typer.Argument(..., help="Job id (or a prefix, the folder, or a scheduler job id)."),
+    rank: Optional[int] = typer.Option(None, "--rank", "-r", help="Training rank whose log to show (default 0)."),
+    phase: Optional[str] = typer.Option(None, "--phase", help="profile or train (default: train once it started)."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing until the job ends."),
+) -> None:
+    """Print a job's log: a training rank's, or the profiling job's."""
+    from rannc_cli.scheduler.jobs import show_logs
+
+    show_logs(job, rank=rank, follow=follow, phase=phase)
+
+
+# --------------------------------------------------------------------------- cancel
+@app.command("cancel")
+def cancel_cmd(job: str = typer.Argument(..., help="Job id (or a prefix, the folder, or a scheduler job id).")) -> None:
+    """Cancel every phase of a job that is still pending or running."""
+    from rannc_cli.scheduler.jobs import cancel_job
+
+    cancel_job(job)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point: run the app, turning RanncError into one clear line and exit code 2."""
     try:

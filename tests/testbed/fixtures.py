@@ -66,3 +66,15 @@ def slurm_login_node(tmp_path_factory, slurm_cluster):
                                                     set_env={"SLURM_CONF": str(slurm_cluster.conf)}))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def pbs_wrappers(slurm_cluster):
+    """Slurm's PBS-style commands (slurm-wlm-torque: qsub, qstat, qdel, pbsnodes, mpiexec -> srun) over
+    slurm_cluster; returns the cluster (its ``env`` has SLURM_CONF). Real PBS syntax that the wrappers
+    do not understand is covered by golden files and recorded outputs instead."""
+    from testbed.common import ensure_commands
+
+    _start("pbs-wrappers", lambda: ensure_commands({"qsub": "slurm-wlm-torque", "qstat": "slurm-wlm-torque",
+                                                    "generate_pbs_nodefile": "slurm-wlm-torque"}))
+    return slurm_cluster

@@ -108,6 +108,9 @@ class SlurmCluster:
             "MpiDefault=none", "MailProg=/bin/true", "ReturnToService=2", "GresTypes=gpu",
             "SchedulerParameters=batch_sched_delay=0,sched_min_interval=0",
             "SlurmdTimeout=30", "InactiveLimit=0", "MinJobAge=60", "KillWait=5",
+            # Step credentials live 10 s (default 120): a requeued job may restart after that long
+            # instead of two minutes (rannc's requeue round trip test).
+            "AuthInfo=cred_expire=10",
             f"StateSaveLocation={base}/state", f"SlurmdSpoolDir={base}/spool-%n",
             f"SlurmctldPidFile={base}/slurmctld.pid", f"SlurmdPidFile={base}/slurmd-%n.pid",
             f"SlurmctldLogFile={base}/slurmctld.log", f"SlurmdLogFile={base}/slurmd-%n.log",

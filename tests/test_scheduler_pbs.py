@@ -1,0 +1,136 @@
+"""PBS backend: parsers of qsub/qstat outputs, state mapping, and qsub/qstat/qdel flows through
+Slurm's PBS-style wrappers (slurm-wlm-torque) on the real Slurm testbed."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from rannc_cli.errors import RanncError
+from rannc_cli.scheduler.pbs import job_state, parse_qstat_full, parse_qstat_json, parse_qsub
+from rannc_cli.scheduler.slurm import parse_sbatch, parse_squeue
+from testbed.scheduler import FAST, SCRIPTS, job_folder, make_profile, record
+
+DATA = Path(__file__).parent / "data" / "scheduler" / "pbs"
+
+
+def read(name: str) -> str:
+    return (DATA / name).read_text()
+
+
+def test_qsub_ids():
+    assert parse_qsub(read("pbspro-2022-qsub.txt")) == "1234.pbs01"
+    assert parse_qsub(read("slurm-wlm-torque-22.05-qsub.txt")).isdigit()
+    assert parse_qsub("4321[].pbs01\n") == "4321[].pbs01"
+    with pytest.raises(RanncError, match="qsub printed no job id"):
+        parse_qsub(read("pbspro-2022-qsub-rejected.txt"))
+
+
+def test_pbspro_running_with_wrapped_lines():
+    jobs = parse_qstat_full(read("pbspro-2022-qstat-f-running.txt"))
+    attrs = jobs["1234.pbs01"]
+    assert attrs["Output_Path"].endswith("/train/batch.log")          # wrapped value joined back
+    assert attrs["Variable_List"].endswith("PBS_O_HOST=login1.example.org")
+    assert attrs["Resource_List.select"] == "2:ncpus=8:ngpus=4:mpiprocs=4"
+    assert job_state(attrs).state == "RUNNING"
+
+
+def test_pbspro_history():
+    jobs = parse_qstat_full(read("pbspro-2022-qstat-xf-finished.txt"))
+    assert job_state(jobs["1233.pbs01"]).state == "COMPLETED"
+    failed = job_state(jobs["1236.pbs01"])
+    assert (failed.state, failed.exit_code) == ("FAILED", 1)
+
+
+def test_openpbs_json_walltime_and_queued():
+    jobs = parse_qstat_json(read("openpbs-22.05-qstat-xf-json-walltime.json"))
+    t = job_state(jobs["1240.pbs01"])
+    assert (t.state, t.exit_code) == ("TIMEOUT", -29)
+    q = job_state(jobs["1241.pbs01"])
+    assert q.state == "PENDING" and "Insufficient" in q.reason
+
+
+def test_torque_and_wrapper_layouts():
+    torque = job_state(parse_qstat_full(read("torque-6.1-qstat-f-completed.txt"))["512.torque-head.cluster"])
+    assert (torque.state, torque.exit_code) == ("FAILED", 137)
+    running = parse_qstat_full(read("slurm-wlm-torque-22.05-qstat-f-running.txt"))
+    (jid, attrs), = running.items()
+    assert jid.isdigit() and job_state(attrs).state == "RUNNING"
+    done = parse_qstat_full(read("slurm-wlm-torque-22.05-qstat-f-finished.txt"))
+    assert job_state(next(iter(done.values()))).state == "UNKNOWN"   # C without an exit status: the exit file decides
+
+
+def test_slurm_outputs():
+    assert parse_sbatch("42\n") == "42" and parse_sbatch("42;cluster\n") == "42"
+    assert parse_squeue("PENDING|Dependency\n") == ("PENDING", "Dependency")
+    assert parse_squeue("") is None
+
+
+# ---------------------------------------------------------------------- flows through the wrappers
+@pytest.fixture(scope="module")
+def mlp_profile(tmp_path_factory):
+    return make_profile(tmp_path_factory.mktemp("pbs-prof"))
+
+
+def _env(cluster, tmp_path) -> dict:
+    return {**cluster.env, **FAST, "RANNC_LOGS_DIR": str(tmp_path / "logs")}
+
+
+@pytest.mark.slurm
+def test_pbs_submit_through_wrappers_two_nodes(pbs_wrappers, tmp_path, mlp_profile):
+    """qsub (select=2:...:mpiprocs=2 as options), mpiexec on 2 nodes, qstat until done, per-rank logs."""
+    env = _env(pbs_wrappers, tmp_path)
+    res = run_cli("submit", str(SCRIPTS / "ckpt_train.py"), "--scheduler", "pbs", "--queue", "gpu", "--nodes", "2",
+                  "--gpus", "2", "--time", "10:00", "--account", "grp1", "--profile", str(mlp_profile),
+                  "--env", "RANNC_MASTER_ADDR=127.0.0.1", "--wait", "--", "--steps", "4", "--delay", "0.05",
+                  cwd=tmp_path, env=env, timeout=180)
+    assert res.returncode == 0, res.stdout + res.stderr
+    folder = job_folder(tmp_path / "logs")
+    rec = record(folder)
+    assert rec["backend"] == "pbs" and rec["phases"]["train"]["state"] == "COMPLETED"
+    for r in range(4):
+        text = (folder / "train" / f"rank-{r}.log").read_text()
+        assert f"rank {r} of 4" in text and "done" in text
+    assert "#PBS -l select=2:ncpus=2:ngpus=2:mpiprocs=2" in (folder / "train.sh").read_text()
+
+
+@pytest.mark.slurm
+def test_pbs_dependency_and_qdel(pbs_wrappers, tmp_path):
+    """Profiling job (afterok dependency) running, training job waiting on it; rannc cancel qdel's both."""
+    env = _env(pbs_wrappers, tmp_path)
+    slow = tmp_path / "slow.py"
+    slow.write_text("import time\ntime.sleep(60)\n")
+    res = run_cli("submit", str(slow), "--scheduler", "pbs", "--nodes", "1", "--gpus", "1", "--time", "5:00",
+                  cwd=tmp_path, env=env, timeout=60)
+    assert res.returncode == 0, res.stderr
+    folder = job_folder(tmp_path / "logs")
+    rec = record(folder)
+    pid, tid = rec["phases"]["profile"]["scheduler_id"], rec["phases"]["train"]["scheduler_id"]
+    show = pbs_wrappers.run("scontrol", "show", "job", tid).stdout
+    assert f"Dependency=afterok:{pid}" in show
+    res = run_cli("cancel", rec["id"], cwd=tmp_path, env=env)
+    assert res.returncode == 0 and "cancelled train" in res.stdout and "profile" in res.stdout, res.stdout + res.stderr
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        states = {pbs_wrappers.run("squeue", "-h", "-j", j, "-t", "all", "-o", "%T").stdout.strip() for j in (pid, tid)}
+        if states <= {"CANCELLED", ""}:
+            break
+        time.sleep(0.3)
+    assert states <= {"CANCELLED", ""}, states
+    status = run_cli("status", rec["id"], cwd=tmp_path, env=env)
+    assert "CANCELLED" in status.stdout
+
+
+@pytest.mark.slurm
+def test_qsub_rejection_is_one_line(pbs_wrappers, tmp_path, mlp_profile):
+    env = {**_env(pbs_wrappers, tmp_path)}
+    res = run_cli("submit", str(SCRIPTS / "ckpt_train.py"), "--scheduler", "pbs", "--queue", "nosuch", "--nodes", "1",
+                  "--gpus", "1", "--profile", str(mlp_profile), cwd=tmp_path, env=env, timeout=60)
+    assert res.returncode != 0
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: qsub failed on local:") and "Traceback" not in res.stderr
+    assert "partition" in lines[0].lower()   # the scheduler's own message

@@ -1,0 +1,173 @@
+"""`rannc submit` end to end on the real Slurm testbed (munge, slurmctld, slurmd n1 n2 n3, fake GPUs)."""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run_cli
+from testbed.scheduler import FAST, MLP_ARGS, SCRIPTS, job_folder, make_profile, record, wait_file_text
+
+pytestmark = pytest.mark.slurm
+
+
+@pytest.fixture(scope="module")
+def mlp_profile(tmp_path_factory):
+    return make_profile(tmp_path_factory.mktemp("slurm-prof"))
+
+
+def _env(cluster, tmp_path, **extra) -> dict:
+    return {**cluster.env, **FAST, "RANNC_LOGS_DIR": str(tmp_path / "logs"), **extra}
+
+
+def _losses(text: str) -> list[float]:
+    return [float(x) for x in re.findall(r"^step \d+ loss ([0-9.]+)", text, flags=re.M)]
+
+
+def test_profile_plan_train_two_nodes(slurm_cluster, tmp_path):
+    """The whole flow: profiling job -> plan at the training job's start -> 2 nodes x 2 ranks -> COMPLETED."""
+    env = _env(slurm_cluster, tmp_path)
+    t0 = time.monotonic()
+    res = run_cli("submit", str(ROOT / "examples" / "mlp.py"), "--scheduler", "slurm", "--nodes", "2", "--gpus", "2",
+                  "--time", "10:00", "--wait", "--", *MLP_ARGS, cwd=tmp_path, env=env, timeout=300)
+    took = time.monotonic() - t0
+    assert res.returncode == 0, res.stdout + res.stderr + slurm_cluster.logs()
+    print(f"submit-to-COMPLETED on the Slurm testbed: {took:.1f} s")
+    folder = job_folder(tmp_path / "logs")
+    assert folder.stat().st_mode & 0o777 == 0o700
+    rec = record(folder)
+    ph = rec["phases"]
+    assert [ph[p]["state"] for p in ("profile", "plan", "train")] == ["COMPLETED"] * 3
+    show = slurm_cluster.run("scontrol", "show", "job", str(ph["train"]["scheduler_id"])).stdout
+    assert show == "" or "NumNodes=2" in show
+    assert {"profile.sh", "train.sh", "rank.sh", "profile.yaml", "plan.yaml", "job.yaml"} <= {p.name for p in folder.iterdir()}
+    assert "nodes: 2" in (folder / "plan.yaml").read_text()
+    for rank in range(4):
+        losses = _losses((folder / "train" / f"rank-{rank}.log").read_text())
+        assert len(losses) == 12, f"rank {rank}: {losses}"
+        assert sum(losses[-3:]) < sum(losses[:3]), f"rank {rank}: loss did not decrease: {losses}"
+    status = run_cli("status", rec["id"], cwd=tmp_path, env=env)
+    assert status.returncode == 0 and "COMPLETED" in status.stdout and "predicted" in status.stdout
+    logs = run_cli("logs", rec["id"], "--rank", "3", cwd=tmp_path, env=env)
+    assert logs.returncode == 0 and "step 11 loss" in logs.stdout
+    jobs = run_cli("jobs", cwd=tmp_path, env=env)
+    assert rec["id"] in jobs.stdout and "COMPLETED" in jobs.stdout and "2x2" in jobs.stdout
+
+
+def test_failing_rank_fails_the_job(slurm_cluster, tmp_path, mlp_profile):
+    env = _env(slurm_cluster, tmp_path)
+    t0 = time.monotonic()
+    res = run_cli("submit", str(SCRIPTS / "raise_train.py"), "--scheduler", "slurm", "--nodes", "1", "--gpus", "2",
+                  "--profile", str(mlp_profile), "--wait", cwd=tmp_path, env=env, timeout=120)
+    took = time.monotonic() - t0
+    assert res.returncode != 0
+    assert "ended FAILED at train/rank-1.log" in res.stderr and "ValueError: boom from rank 1" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert took < 40, f"a failed rank should end the job promptly, took {took:.0f} s (rank 0 alone would run 20 s)"
+    folder = job_folder(tmp_path / "logs")
+    rank1 = (folder / "train" / "rank-1.log").read_text()
+    assert "Traceback (most recent call last)" in rank1 and "ValueError: boom from rank 1" in rank1
+    assert "step 99" not in (folder / "train" / "rank-0.log").read_text()     # rank 0 was stopped, not left running
+    status = run_cli("status", folder.name, cwd=tmp_path, env=env)
+    assert "FAILED" in status.stdout and "failed at train/rank-1.log" in status.stdout
+
+
+def test_cancel_running_job(slurm_cluster, tmp_path, mlp_profile):
+    env = _env(slurm_cluster, tmp_path)
+    res = run_cli("submit", str(SCRIPTS / "ckpt_train.py"), "--scheduler", "slurm", "--nodes", "1", "--gpus", "2",
+                  "--profile", str(mlp_profile), "--", "--steps", "400", "--delay", "0.2", cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr
+    folder = job_folder(tmp_path / "logs")
+    wait_file_text(folder / "train" / "rank-0.log", "step 2 ", 60)
+    tid = str(record(folder)["phases"]["train"]["scheduler_id"])
+    res = run_cli("cancel", record(folder)["id"], cwd=tmp_path, env=env)
+    assert res.returncode == 0 and f"cancelled train {tid}" in res.stdout, res.stdout + res.stderr
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        state = slurm_cluster.run("squeue", "-h", "-j", tid, "-t", "all", "-o", "%T").stdout.strip()
+        if state in ("CANCELLED", ""):
+            break
+        time.sleep(0.3)
+    assert state in ("CANCELLED", ""), state
+    status = run_cli("status", record(folder)["id"], cwd=tmp_path, env=env)
+    assert "CANCELLED" in status.stdout
+    again = run_cli("cancel", record(folder)["id"], cwd=tmp_path, env=env)
+    assert again.returncode == 0 and "nothing to cancel" in again.stdout
+
+
+def test_requeue_round_trip_resumes_from_checkpoint(slurm_cluster, tmp_path, mlp_profile):
+    """The time-limit warning (SIGUSR1 to the batch shell, as --signal=B:USR1@N sends it) makes every rank
+    checkpoint; the job requeues itself and the next run resumes from the checkpoint with the same plan."""
+    env = _env(slurm_cluster, tmp_path)
+    res = run_cli("submit", str(SCRIPTS / "ckpt_train.py"), "--scheduler", "slurm", "--nodes", "1", "--gpus", "2",
+                  "--time", "30:00", "--profile", str(mlp_profile), "--", "--steps", "30", "--delay", "0.15",
+                  cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr
+    folder = job_folder(tmp_path / "logs")
+    rec = record(folder)
+    tid = str(rec["phases"]["train"]["scheduler_id"])
+    assert "#SBATCH --signal=B:USR1@" in (folder / "train.sh").read_text()
+    wait_file_text(folder / "train" / "rank-1.log", "step 5 ", 60)
+    plan_before = (folder / "plan.yaml").read_text()
+    sig = slurm_cluster.run("scancel", "--signal=USR1", "--batch", tid)
+    assert sig.returncode == 0, sig.stderr
+    wait_file_text(folder / "train" / "rank-0.log", "checkpointed at step", 30)
+    # Slurm holds a requeued job back for the credential lifetime (the testbed sets 10 s; 120 s by default).
+    res = run_cli("status", rec["id"], cwd=tmp_path, env=env)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and "COMPLETED" not in res.stdout.split("\n")[0]:
+        time.sleep(0.5)
+        res = run_cli("status", rec["id"], cwd=tmp_path, env=env)
+    assert res.stdout.startswith(f"job {rec['id']} ckpt_train: COMPLETED"), res.stdout + res.stderr
+    assert "requeued 1x" in res.stdout
+    for rank in (0, 1):
+        text = (folder / "train" / f"rank-{rank}.log").read_text()
+        stopped = int(re.search(r"checkpointed at step (\d+)", text).group(1))
+        assert f"resumed at step {stopped}" in text and "restart 1" in text and "done" in text
+        steps = [int(s) for s in re.findall(r"^step (\d+) ", text, flags=re.M)]
+        assert steps == list(range(30)), f"rank {rank} repeated or skipped steps: {steps}"
+    assert (folder / "plan.yaml").read_text() == plan_before
+    assert "requeueing job" in next(folder.glob("train/batch-*.log")).read_text()
+
+
+def test_scheduler_rejection_is_one_clear_line(slurm_cluster, tmp_path, mlp_profile):
+    site = tmp_path / "greedy.yaml"
+    site.write_text("name: greedy\nscheduler: slurm\nnode_groups: [{name: g, count: 2, gpus: 4}]\n"
+                    "submit:\n  directives: ['--gres=gpu:99']\n")
+    env = _env(slurm_cluster, tmp_path)
+    res = run_cli("submit", str(SCRIPTS / "ckpt_train.py"), "--site", str(site), "--nodes", "1", "--gpus", "1",
+                  "--profile", str(mlp_profile), cwd=tmp_path, env=env)
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.returncode != 0 and len(lines) == 1, res.stderr
+    assert lines[0].startswith("error: sbatch failed on local: sbatch: error:"), lines[0]
+
+
+def test_validation_before_submitting(slurm_cluster, tmp_path):
+    env = _env(slurm_cluster, tmp_path)
+    script = str(SCRIPTS / "ckpt_train.py")
+    cases = [(["--nodes", "3", "--gpus", "2"], "partition", "2 available node(s) with >= 2 GPUs, 3 asked"),
+             (["--nodes", "1", "--gpus", "8"], None, "with >= 8 GPUs"),
+             (["--nodes", "1", "--gpus", "1", "--queue", "nosuch"], None, "partition 'nosuch' does not exist")]
+    for flags, _, needle in cases:
+        res = run_cli("submit", script, "--scheduler", "slurm", *flags, cwd=tmp_path, env=env)
+        assert res.returncode != 0 and needle in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").iterdir())
+    missing = run_cli("submit", script, "--scheduler", "slurm", "--nodes", "1", "--gpus", "1",
+                      cwd=tmp_path, env={**env, "PATH": "/nonexistent"})
+    assert missing.returncode != 0 and "not found" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_dry_run_prints_scripts_and_submits_nothing(slurm_cluster, tmp_path, mlp_profile):
+    env = _env(slurm_cluster, tmp_path)
+    before = slurm_cluster.run("squeue", "-h", "-t", "all", "-o", "%i").stdout
+    res = run_cli("submit", str(ROOT / "examples" / "mlp.py"), "--scheduler", "slurm", "--nodes", "2", "--gpus", "2",
+                  "--profile", str(mlp_profile), "--dry-run", "--", *MLP_ARGS, cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr
+    assert "#SBATCH --nodes=2" in res.stdout and "sbatch --parsable" in res.stdout and "stage(s)" in res.stdout
+    assert "dry run: nothing submitted" in res.stdout
+    assert slurm_cluster.run("squeue", "-h", "-t", "all", "-o", "%i").stdout == before
+    assert not (tmp_path / "logs").exists()
