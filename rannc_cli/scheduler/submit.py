@@ -135,6 +135,11 @@ def submit(*, script: Path, script_args: list[str], nodes: int, gpus: int, sched
         notes: list[str] = []
         if dry_run and spec.backend != "local" and not transport.which("sbatch" if spec.backend == "slurm" else "qsub"):
             notes.append(f"{spec.backend} commands not found on {transport.host}: the job was not checked against the cluster")
+        elif dry_run:
+            try:
+                notes += validate_against(spec, transport)
+            except RanncError as exc:
+                notes.append(f"not checked against the cluster: {exc.one_line()}")
         else:
             notes += validate_against(spec, transport)
         rec = JobRecord.create(logs_dir(), spec.name, spec.backend, {}, host=transport.host if host else None,

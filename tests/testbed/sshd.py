@@ -49,7 +49,8 @@ class SSHServer:
         lines = [f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {host_key}", f"PidFile {base}/sshd.pid",
                  f"AuthorizedKeysFile {base}/authorized_keys", "PubkeyAuthentication yes",
                  "PasswordAuthentication no", "KbdInteractiveAuthentication no", "PermitRootLogin prohibit-password",
-                 "UsePAM no", "StrictModes no", "X11Forwarding no", "PrintMotd no", "LogLevel VERBOSE"]
+                 "UsePAM no", "StrictModes no", "X11Forwarding no", "PrintMotd no", "LogLevel VERBOSE",
+                 "Subsystem sftp internal-sftp"]   # file transfer for `rannc submit --host`
         if set_env:
             lines.append("SetEnv " + " ".join(f"{k}={v}" for k, v in set_env.items()))
         conf = base / "sshd_config"
