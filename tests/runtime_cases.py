@@ -63,13 +63,17 @@ def _autocast(case: dict):
 
 
 def _train(case: dict, model: nn.Module, forward: Any, opt: torch.optim.Optimizer, batch: tuple, rank: int = 0,
-           fail_rank: int = -1, save: Any = None, save_at: int = -1) -> list[float]:
+           fail_rank: int = -1, save: Any = None, save_at: int = -1, hang_rank: int = -1) -> list[float]:
     scaler = torch.amp.GradScaler("cpu", init_scale=float(case["scaler"])) if case.get("scaler") else None
     losses = []
     start = int(case.get("start", 0))
     for step in range(start, start + int(case.get("steps", 5))):
         if step == 2 and rank == fail_rank:
             raise ValueError(f"injected failure on rank {rank} at step {step}")
+        if step == 2 and rank == hang_rank:
+            import time
+
+            time.sleep(3600)  # stops answering; the others must give up after runtime_timeout
         args, kwargs = batch_at(batch, step)
         with _autocast(case):
             loss = forward(*args, **kwargs)
@@ -124,7 +128,7 @@ def local_share(batch: tuple, rank: int, world: int) -> tuple:
 
 
 def train_distributed(case: dict, rank: int, fail_rank: int = -1, resume: str = "", save_at: int = -1,
-                      checkpoint_dir: Path | None = None) -> dict[str, Any]:
+                      checkpoint_dir: Path | None = None, hang_rank: int = -1) -> dict[str, Any]:
     from rannc_cli import RaNNCModule, deferred_init
 
     if case.get("deferred"):
@@ -162,10 +166,15 @@ def train_distributed(case: dict, rank: int, fail_rank: int = -1, resume: str = 
 
     losses = _train(case, model, step_batch_forward, opt, batch, rank, fail_rank,
                     save=(lambda: wrapped.save_checkpoint(checkpoint_dir)) if checkpoint_dir else None,
-                    save_at=save_at)
+                    save_at=save_at, hang_rank=hang_rank)
     held = sum(p.numel() for p in model.parameters())  # non-local parameters are freed after planning
+    held_by_rank: list[Any] = [None] * world
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_gather_object(held_by_rank, held)
     result: dict[str, Any] = {"losses": losses, "state": wrapped.state_dict(), "optimizer": opt.state_dict(),
-                              **_evaluate(step_batch_forward, wrapped, batch), "held_numel": held,
+                              **_evaluate(step_batch_forward, wrapped, batch), "held_numel": held, "held_by_rank": held_by_rank,
                               "total_numel": total}
     if case.get("reload"):
         wrapped.load_state_dict(initial)

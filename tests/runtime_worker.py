@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--cases", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--fail-rank", type=int, default=-1, help="this rank raises at step 2 (fault tests)")
+    parser.add_argument("--hang-rank", type=int, default=-1, help="this rank stops answering at step 2 (fault tests)")
     parser.add_argument("--resume", default="", help="load this checkpoint before the first forward")
     parser.add_argument("--save-at", type=int, default=-1, help="save a sharded checkpoint after this many steps")
     args = parser.parse_args()
@@ -60,7 +61,7 @@ def main() -> None:
     for case in json.loads(Path(args.cases).read_text()):
         if case.get("sabotage"):
             sabotage(case["sabotage"])
-        result = rc.train_distributed(case, rank, fail_rank=args.fail_rank, resume=args.resume,
+        result = rc.train_distributed(case, rank, fail_rank=args.fail_rank, hang_rank=args.hang_rank, resume=args.resume,
                                       save_at=args.save_at, checkpoint_dir=out / f"{case['id']}-ckpt")
         if rank == 0:
             rc.save_result(result, out / f"{case['id']}.pt")

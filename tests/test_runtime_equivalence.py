@@ -53,15 +53,16 @@ NEGATIVE = [
 ]
 
 
-def launch(tmp: Path, cases: list[dict], nproc: int, *extra: str, env: dict | None = None,
+def launch(tmp: Path, cases: list[dict], nproc: int, *extra: str, env: dict | None = None, worker_args: tuple = (),
            timeout: float = 400) -> subprocess.CompletedProcess:
+    """`rannc run --nproc N [extra] tests/runtime_worker.py -- --cases tmp/cases.json --out tmp/out [worker_args]`."""
     import os
 
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "cases.json").write_text(json.dumps(cases))
     full_env = {**os.environ, "RANNC_RUNTIME_TIMEOUT": "60", **(env or {})}
     return subprocess.run([sys.executable, "-m", "rannc_cli.cli", "run", "--nproc", str(nproc), *extra, str(WORKER),
-                           "--", "--cases", str(tmp / "cases.json"), "--out", str(tmp / "out")],
+                           "--", "--cases", str(tmp / "cases.json"), "--out", str(tmp / "out"), *worker_args],
                           cwd=tmp, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -21,13 +21,15 @@ on the meta parameters keeps working.
 from __future__ import annotations
 
 import contextlib
+import weakref
 import zlib
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
 
 _active = 0
+_creators: dict[int, Any] = {}  # id(meta parameter) -> weakref to the module that created it
 
 
 @contextlib.contextmanager
@@ -39,6 +41,7 @@ def deferred_init() -> Iterator[None]:
     def register_parameter(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
         if param is not None and not param.is_meta:
             param = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
+            _creators[id(param)] = weakref.ref(self)
         original(self, name, param)
 
     _active += 1
@@ -62,22 +65,35 @@ def give_storage(params: Iterable[nn.Parameter], device: torch.device | str = "c
             torch.utils.swap_tensors(p, real)
 
 
+def _reset(module: nn.Module, wanted: set[int]) -> bool:
+    """Run ``module.reset_parameters()`` if it created one of the ``wanted`` parameters; parameters
+    it only borrows (a tied weight another module created) keep their values. False if it has none."""
+    params = list(module.parameters(recurse=False))
+    created = [p for p in params if id(p) in wanted and (_creators.get(id(p)) or (lambda: module))() is module]
+    if not created:
+        return True
+    reset = getattr(module, "reset_parameters", None)
+    if reset is None:
+        return False
+    mine = {id(p) for p in created}
+    borrowed = [(p, p.detach().clone()) for p in params if id(p) not in mine]
+    with torch.no_grad():
+        reset()
+        for p, value in borrowed:
+            p.copy_(value)
+    return True
+
+
 def reset_modules(model: nn.Module, wanted: set[int], seed: int) -> list[str]:
-    """Call reset_parameters() of every module owning a parameter in ``wanted`` (ids); return the
-    names of such modules that have none (their parameters are left as they are)."""
+    """Initialise the ``wanted`` parameters (ids) with their creating modules' reset_parameters(),
+    seeded per module name so that every rank holding a tied parameter agrees; return the names
+    of creating modules without reset_parameters (their parameters are left as they are)."""
     missing = []
     for name, module in model.named_modules():
-        own = [p for p in module.parameters(recurse=False) if id(p) in wanted]
-        if not own:
-            continue
-        reset = getattr(module, "reset_parameters", None)
-        if reset is None:
-            missing.append(name or "<root>")
-            continue
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed((seed * 1000003 + zlib.crc32(name.encode())) % (2 ** 62))
-            with torch.no_grad():
-                reset()
+            if not _reset(module, wanted):
+                missing.append(name or "<root>")
     return missing
 
 
@@ -88,9 +104,5 @@ def materialize_all(model: nn.Module) -> None:
         return
     give_storage(params)
     ids = {id(p) for p in params}
-    for name, module in model.named_modules():
-        if any(id(p) in ids for p in module.parameters(recurse=False)):
-            reset = getattr(module, "reset_parameters", None)
-            if reset is not None:
-                with torch.no_grad():
-                    reset()
+    for module in model.modules():
+        _reset(module, ids)

@@ -45,8 +45,8 @@ class PeerLost(RanncError):
     exit_code = 3
 
 
-_COMM_ERRORS = ("Connection closed", "Connection reset", "Broken pipe", "Timed out", "timed out", "Gloo", "NCCL",
-                "ProcessGroup", "Socket", "socket", "peer")
+_COMM_ERRORS = ("Connection closed", "Connection reset", "Broken pipe", "Timed out", "timed out", "timeout", "Gloo", "NCCL",
+                "ProcessGroup", "Socket", "socket", "peer", "pair closure")
 
 
 def _is_comm_error(exc: BaseException) -> bool:
