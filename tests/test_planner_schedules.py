@@ -77,3 +77,36 @@ def test_events_respect_dependencies():
         spans.sort()
         assert all(a[1] <= b[0] + 1e-12 for a, b in zip(spans, spans[1:]))
     assert makespan == max(e.end for e in events)
+
+
+def test_1f1b_objective_is_closer_to_the_simulation_than_the_bubble_formula():
+    from types import SimpleNamespace
+
+    from rannc_cli.planner.costmodel import objective
+
+    rng = random.Random(3)
+    worse = 0
+    for _ in range(300):
+        s, m = rng.randint(1, 10), rng.choice([1, 2, 4, 8, 16, 32])
+        f = [rng.uniform(0.1, 1) for _ in range(s)]
+        b = [x * rng.uniform(1.5, 3) for x in f]
+        sim, _ = simulate_times(f, b, "1f1b", m)
+        costs = [SimpleNamespace(forward=x, backward=y, allreduce=0.0) for x, y in zip(f, b)]
+        ours = objective("1f1b", m, costs)
+        bubble = sum(f) + sum(b) + (m - 1) * max(x + y for x, y in zip(f, b))
+        assert bubble >= sim * (1 - 1e-12)  # the bubble formula is an upper bound ...
+        assert ours <= sim * (1 + 1e-12)  # ... this one a lower bound (it credits the warm-up overlap fully)
+        worse += abs(ours - sim) > abs(bubble - sim) + 1e-12
+    assert worse <= 30
+
+
+def test_makespan_equals_the_event_simulation():
+    from rannc_cli.planner.simulate import makespan
+
+    rng = random.Random(4)
+    for _ in range(300):
+        s, m = rng.randint(1, 9), rng.randint(1, 12)
+        f = [rng.random() for _ in range(s)]
+        b = [rng.random() * 3 for _ in range(s)]
+        for sched in ("1f1b", "gpipe"):
+            assert makespan(f, b, sched, m) == simulate_times(f, b, sched, m)[0]

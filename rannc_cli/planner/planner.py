@@ -26,11 +26,14 @@ from rannc_cli.planner.costmodel import CostModel
 from rannc_cli.planner.exhaustive import MAX_UNITS, exhaustive
 from rannc_cli.planner.placement import devices
 from rannc_cli.planner.plan import Plan, StagePlan
+from rannc_cli.planner.refine import Refiner
 from rannc_cli.planner.search import Candidate, SearchSpace, min_devices, search
 from rannc_cli.planner.simulate import Simulation, simulate
 from rannc_cli.profiler.format import Profile
 
 GIB = float(1 << 30)
+POLISH_STRUCTURES = 3  # distinct structures (replicas, placement, M) whose boundaries the simulator polishes
+REFINE_UNITS = 192  # boundary refinement runs over the blocks themselves up to this many (else coarsened to it)
 
 
 @dataclass
@@ -53,6 +56,12 @@ def candidate_plan(c: Candidate, cm: CostModel) -> Plan:
     g = cm.cluster.gpus_per_node
     stages = [StagePlan(a, e, r, devices(s, r, g), ck) for a, e, r, s, ck in c.stages]
     return Plan(c.schedule, c.microbatches, cm.batch_size, stages)
+
+
+def plan_candidate(plan: Plan, cm: CostModel, objective: float) -> Candidate:
+    return Candidate(objective, plan.schedule, plan.microbatches,
+                     tuple((s.start, s.end, s.replicas, s.devices[0][0] * cm.cluster.gpus_per_node + s.devices[0][1],
+                            s.checkpoint) for s in plan.stages))
 
 
 def annotate(plan: Plan, sim: Simulation, cm: CostModel, profile: Profile) -> Plan:
@@ -107,7 +116,11 @@ def make_plan(profile: Profile, cluster: ClusterSpec, batch_size: int | None = N
         cands, calls = result.candidates, result.dp_calls
         if not result.exact and result.best is not None:
             gap = result.best.objective / result.lower_bound - 1 if result.lower_bound > 0 else math.inf
-    elapsed = time.perf_counter() - t0
+    refiner = None
+    if cands and not use_exhaustive:
+        refiner = Refiner(cm, coarsen(cm, REFINE_UNITS))
+        if len(refiner.bounds) > len(bounds):  # the search ran on coarsened units: re-place boundaries finely
+            cands = refiner.refine_all(cands)
     if not cands:
         raise infeasible(cm, bounds, space, forced=bool(stages or replicas or microbatches or schedule))
     sims = []
@@ -115,18 +128,36 @@ def make_plan(profile: Profile, cluster: ClusterSpec, batch_size: int | None = N
         plan = candidate_plan(c, cm)
         sims.append((plan, simulate(plan, cm)))
     sims.sort(key=lambda ps: (ps[1].step_seconds, ps[1].objective_seconds))
+    if refiner is not None:  # the simulator's last word on the boundaries of the best few structures
+        polished: set[tuple] = set()
+        for plan, sim in list(sims):
+            key = (plan.schedule, plan.microbatches, tuple((st.replicas, st.devices[0]) for st in plan.stages))
+            if key in polished:
+                continue
+            polished.add(key)
+            c = plan_candidate(plan, cm, sim.objective_seconds)
+            got = refiner.polish(c)
+            if got is not None and got[1] < sim.step_seconds * (1 - 1e-12):
+                better = candidate_plan(got[0], cm)
+                sims.append((better, simulate(better, cm)))
+            if len(polished) >= POLISH_STRUCTURES:
+                break
+        sims.sort(key=lambda ps: (ps[1].step_seconds, ps[1].objective_seconds))
+        calls += refiner.calls
+    elapsed = time.perf_counter() - t0
     base = evaluate_baselines(cm, space.microbatches if microbatches else SearchSpace.build(cm).microbatches) \
         if with_baselines else {}
     searched = sims[0][1].step_seconds
     unforced = not (stages or replicas or microbatches or schedule or use_exhaustive)
     chosen_from = "search"
-    if unforced:  # a baseline's boundaries may fall inside the coarsened units: never return a slower plan
-        for name, b in base.items():
-            if b is not None and b.simulation.step_seconds < sims[0][1].step_seconds:
-                sims.insert(0, (Plan(b.plan.schedule, b.plan.microbatches, b.plan.batch_size,
-                                     [StagePlan(s.start, s.end, s.replicas, list(s.devices), s.checkpoint)
-                                      for s in b.plan.stages]), b.simulation))
-                chosen_from = f"baseline {name}"
+    feasible_base = {k: b for k, b in base.items() if b is not None}
+    if unforced and feasible_base:  # never return a plan slower than a baseline
+        name, b = min(feasible_base.items(), key=lambda kv: kv[1].simulation.step_seconds)
+        if b.simulation.step_seconds < sims[0][1].step_seconds:
+            sims.insert(0, (Plan(b.plan.schedule, b.plan.microbatches, b.plan.batch_size,
+                                 [StagePlan(s.start, s.end, s.replicas, list(s.devices), s.checkpoint)
+                                  for s in b.plan.stages]), b.simulation))
+            chosen_from = f"baseline {name}"
     plan, sim = sims[0]
     annotate(plan, sim, cm, profile)
     plan.predicted["chosen_from"] = chosen_from

@@ -24,13 +24,14 @@ DP result is kept as a candidate for the simulator to rank and for `--explain`.
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from rannc_cli.errors import RanncError
-from rannc_cli.planner.costmodel import SCHEDULES, CostModel
+from rannc_cli.planner.costmodel import SCHEDULES, CostModel, warmup
 from rannc_cli.planner.placement import replica_ok
 
 INF = math.inf
@@ -182,6 +183,12 @@ class _Tables:
                     if self.forced[self.S - j] != r:
                         self.FW[:, :, ri, :, j - 1] = INF
         self.UT = self.FW + self.BW
+        if schedule == "1f1b" and m > 1:  # the 1F1B max-coordinate (costmodel.bottleneck_1f1b) / (M - 1)
+            w = np.array([warmup(m, j) for j in range(1, J + 1)], dtype=float) / (m - 1.0)
+            with np.errstate(invalid="ignore"):
+                self.V = np.where(np.isfinite(self.UT), self.UT - w * self.FW, INF)
+        else:
+            self.V = self.UT
         self._place = [self._placements(r) for r in self.R]
 
     def _placements(self, r: int) -> tuple:
@@ -200,7 +207,12 @@ class _Tables:
         """The max-coordinates of the objective and their weights."""
         if self.schedule == "gpipe":
             return [self.FW, self.BW], [self.m - 1.0, self.m - 1.0]
-        return [self.UT], [self.m - 1.0]
+        return [self.V], [self.m - 1.0]
+
+    def max_terms(self) -> tuple[list[np.ndarray], list[float]]:
+        """Every max-term of the objective (bottleneck coordinates, all-reduce) over UT's shape, with weights."""
+        coords, weights = self.coords()
+        return [*coords, np.broadcast_to(self.AR[..., None, None], self.UT.shape)], weights + [1.0]
 
     def dp(self, value: np.ndarray, combine: str = "sum") -> tuple[float, list[tuple]] | None:
         """Least sum (or max) of ``value`` over stage options; returns (value, [(a, e, ri, li, j, start)])."""
@@ -225,7 +237,7 @@ class _Tables:
                     sel[0] = cost_e[0, 0][None, :]
                     cand = op(Fe[:, d_at, 1:], sel)
                     a_best = cand.argmin(0)
-                    v_best = np.take_along_axis(cand, a_best[None], 0)[0]  # (nd, J)
+                    v_best = cand.min(0)  # (nd, J)
                     self._update(F, ch, e, d_at + r, v_best, a_best, d_at, ri, d_at)
                 if skip_nodes.size and e > 1:
                     base = Fe[1:, : nodes * G].reshape(e - 1, nodes, G, J + 1)[:, skip_nodes, 1:, 1:]  # (e-1, k, G-1, J)
@@ -234,7 +246,7 @@ class _Tables:
                         k = len(skip_nodes)
                         flat = cand.transpose(1, 3, 0, 2).reshape(k, J, (e - 1) * (G - 1))
                         idx = flat.argmin(-1)
-                        v_best = np.take_along_axis(flat, idx[..., None], -1)[..., 0]  # (k, J)
+                        v_best = flat.min(-1)  # (k, J)
                         a_best = idx // (G - 1) + 1
                         d_prev = skip_nodes[:, None] * G + idx % (G - 1) + 1
                         start = (skip_nodes + 1) * G
@@ -254,24 +266,34 @@ class _Tables:
         return float(finals[d_end]), stages
 
     def _update(self, F, ch, e, d_new, v_best, a_best, d_prev, ri, start) -> None:
+        """Keep, per (devices taken, stages left), the better of F[e] and the new options (value
+        with j stages left counting this one lands at j - 1; in bucket mode j = J also stays J)."""
         J = self.J
-        d_prev = np.broadcast_to(np.asarray(d_prev).reshape(len(d_new), -1), v_best.shape)
-        start = np.broadcast_to(np.asarray(start).reshape(len(d_new), 1), v_best.shape)
-        js = np.arange(1, J + 1)
-        targets = [(js - 1, slice(None))]
-        if self.bucket:
-            targets.append((np.array([J]), slice(J - 1, J)))
-        for tj, src in targets:
-            v = v_best[:, src]
-            cur = F[e][np.ix_(d_new, tj)]
-            better = v < cur
-            if not better.any():
-                continue
+        Fe, ce = F[e], ch[e]
+        d_prev = np.asarray(d_prev)
+        start = np.asarray(start)
+        better = v_best < Fe[d_new, :J]
+        if better.any():
             dd, jj = np.nonzero(better)
-            F[e, d_new[dd], tj[jj]] = v[dd, jj]
-            srcj = js[src][jj]
-            ch[e, d_new[dd], tj[jj]] = np.stack([a_best[:, src][dd, jj], d_prev[:, src][dd, jj],
-                                                 np.full(len(dd), ri), srcj, start[:, src][dd, jj]], axis=1)
+            rows = d_new[dd]
+            Fe[rows, jj] = v_best[dd, jj]
+            ce[rows, jj, 0] = a_best[dd, jj]
+            ce[rows, jj, 1] = d_prev[dd, jj] if d_prev.ndim == 2 else d_prev[dd]
+            ce[rows, jj, 2] = ri
+            ce[rows, jj, 3] = jj + 1
+            ce[rows, jj, 4] = start[dd]
+        if self.bucket:
+            v = v_best[:, J - 1]
+            better = v < Fe[d_new, J]
+            if better.any():
+                dd = np.nonzero(better)[0]
+                rows = d_new[dd]
+                Fe[rows, J] = v[dd]
+                ce[rows, J, 0] = a_best[dd, J - 1]
+                ce[rows, J, 1] = d_prev[dd, J - 1] if d_prev.ndim == 2 else d_prev[dd]
+                ce[rows, J, 2] = ri
+                ce[rows, J, 3] = J
+                ce[rows, J, 4] = start[dd]
 
     def candidate(self, stages: list[tuple]) -> tuple[float, Candidate, list[float], float]:
         """(sum, Candidate, maxima per coordinate, max all-reduce) of a DP result."""
@@ -308,19 +330,16 @@ def unit_ranges(cm: CostModel, bounds: list[int]) -> dict[str, np.ndarray]:
 def search(cm: CostModel, bounds: list[int], space: SearchSpace, keep: int = 64, budget: int | None = -1) -> SearchResult:
     """Exact optimum of the objective over the search space (see the module doc).
 
-    ``budget`` caps the regions explored per (schedule, M) (-1: the ``planner_dp_budget`` setting,
-    None: no cap). When a cap stops the search, ``SearchResult.lower_bound`` is the least objective
-    any unexplored plan could have, so the best plan is within ``best / lower_bound - 1`` of optimal.
+    ``budget`` caps the DP runs per (schedule, M) (-1: the ``planner_dp_budget`` setting, None: no
+    cap). When a cap stops the search, ``SearchResult.lower_bound`` is the least objective any
+    unexplored plan could have, so the best plan is within ``best / lower_bound - 1`` of optimal.
     """
     if budget == -1:
         from rannc_cli.config import settings
 
         budget = int(settings.get("planner_dp_budget")) or None
-    open_bound = INF
     ranges = unit_ranges(cm, bounds)
-    best: Candidate | None = None
-    seen: dict[tuple, Candidate] = {}
-    calls = 0
+    state = _State()
     jobs = []
     for schedule in space.schedules:
         for m in space.microbatches:
@@ -329,86 +348,118 @@ def search(cm: CostModel, bounds: list[int], space: SearchSpace, keep: int = 64,
                 continue
             coords, weights = t.coords()
             res = t.dp(t.UT)
-            calls += 1
+            state.calls += 1
             if res is None:
                 continue
             ok = np.isfinite(t.UT)
             lows = []
             for arr in [*coords, np.broadcast_to(t.AR[..., None, None], t.UT.shape)]:
                 mm = t.dp(np.where(ok, arr, INF), "max")  # least possible max of this coordinate
-                calls += 1
+                state.calls += 1
                 lows.append(mm[0] if mm else 0.0)
             lb = res[0] + sum(w * x for w, x in zip(weights + [1.0], lows))
-            jobs.append((lb, schedule, m, res, lows[:-1], lows[-1]))
+            state.offer(*t.candidate(res[1]))
+            jobs.append((lb, schedule, m, res, lows))
             del t  # tables are rebuilt below for the (schedule, M) pairs that survive pruning
     jobs.sort(key=lambda x: x[0])
-    for lb, schedule, m, res0, lows, ar_low in jobs:
-        if best is not None and lb >= best.objective * (1 - 1e-12):
+    for lb, schedule, m, res0, lows in jobs:
+        if state.beaten(lb):
             continue
         t = _Tables(cm, bounds, space, schedule, m, ranges)
-        coords, weights = t.coords()
-        ncoord = len(coords) + 1  # + all-reduce
-        lower_bounds = lows + [ar_low]
-        w_all = weights + [1.0]
-        ok = np.isfinite(t.UT)
-        levels = [np.unique(arr[ok]) for arr in coords] + [np.unique(np.broadcast_to(t.AR[..., None, None], ok.shape)[ok])]
-        memo: dict[tuple[int, ...], tuple | None] = {}
-        visited: dict[tuple[int, ...], list[tuple[float, ...]]] = {}
-        stack: list[tuple[tuple[float, ...], float, tuple[float, ...], tuple | None]] = [
-            (tuple([INF] * ncoord), res0[0], tuple(lower_bounds), res0)]
-        runs = 0
-        while stack:
-            if budget is not None and runs >= budget:  # stop; remember how far from proven the rest is
-                for thr_, ps_, lw_, _ in stack:
-                    open_bound = min(open_bound, ps_ + sum(w * x for w, x in zip(w_all, lw_)))
-                break
-            runs += 1
-            thr, parent_sum, lowers, pre = stack.pop()
-            bound = parent_sum + sum(w * x for w, x in zip(w_all, lowers))
-            if best is not None and bound >= best.objective * (1 - 1e-12):
-                continue
-            # a region is its thresholds plus "coordinate k >= lowers[k]"; one already expanded with
-            # the same thresholds and lower-or-equal lowers contains this one
-            region = tuple(int(np.searchsorted(levels[c], thr[c], side="right")) for c in range(ncoord))
-            if any(all(o <= n for o, n in zip(old, lowers)) for old in visited.get(region, ())):
-                continue
-            visited.setdefault(region, []).append(lowers)
-            if pre is not None:
-                res = pre
-            else:
-                # thresholds that admit the same stage options give the same DP result
-                sig = tuple(int(np.searchsorted(levels[c], thr[c], side="right")) for c in range(ncoord))
-                if sig in memo:
-                    res = memo[sig]
-                else:
-                    mask = np.ones(t.UT.shape, dtype=bool)
-                    for c, arr in enumerate(coords):
-                        if thr[c] < INF:
-                            mask &= arr <= thr[c]
-                    if thr[-1] < INF:
-                        mask &= (t.AR <= thr[-1])[..., None, None]
-                    res = memo[sig] = t.dp(np.where(mask, t.UT, INF))
-                    calls += 1
-            if res is None:
-                continue
-            total, cand, maxima, ar = t.candidate(res[1])
-            key = (cand.schedule, cand.microbatches, cand.stages)
-            seen.setdefault(key, cand)
-            if best is None or cand.objective < best.objective:
-                best = cand
-            xs = maxima + [ar]
-            for i in range(ncoord):
-                if xs[i] <= 0 or w_all[i] == 0:  # nothing below, or a term that does not count (M = 1)
-                    continue
-                new_thr = list(thr)
-                new_thr[i] = float(np.nextafter(xs[i], -INF))
-                new_low = list(lowers)
-                for k in range(i):
-                    new_low[k] = max(new_low[k], xs[k])
-                stack.append((tuple(new_thr), total, tuple(new_low), None))
-    cands = sorted(seen.values(), key=lambda c: c.objective)[:keep]
-    lower = best.objective if best is not None and open_bound >= best.objective else open_bound
-    return SearchResult(best, cands, calls, lower if best is not None else INF)
+        _branch_and_bound(t, res0, lows, state, budget)
+    best = state.best
+    cands = sorted(state.seen.values(), key=lambda c: c.objective)[:keep]
+    lower = best.objective if best is not None and state.open_bound >= best.objective else state.open_bound
+    return SearchResult(best, cands, state.calls, lower if best is not None else INF)
+
+
+class _State:
+    """The best plan so far, every distinct DP result, DP-run count, least bound left unexplored."""
+
+    def __init__(self) -> None:
+        self.best: Candidate | None = None
+        self.seen: dict[tuple, Candidate] = {}
+        self.calls = 0
+        self.open_bound = INF
+
+    def beaten(self, bound: float) -> bool:
+        return self.best is not None and bound >= self.best.objective * (1 - 1e-12)
+
+    def offer(self, total: float, cand: Candidate, maxima: list[float], ar: float) -> None:
+        self.seen.setdefault((cand.schedule, cand.microbatches, cand.stages), cand)
+        if self.best is None or cand.objective < self.best.objective:
+            self.best = cand
+
+
+def _branch_and_bound(t: _Tables, res0: tuple, lows: list[float], state: _State, budget: int | None) -> None:
+    """Best-first branch and bound over boxes of threshold levels, one box per set of plans whose
+    maxima (bottleneck time(s), all-reduce) lie between the box's lower and upper levels.
+
+    A box's plans cost at least ``S(top) + sum_k w_k * low_k``, where ``S(top)`` is the least sum of
+    stage times with every maximum at most the box's upper levels (one DP; memoised by levels) and
+    ``low_k`` its lower levels. A box that cannot beat the best plan is dropped; otherwise it is
+    cut in two along the coordinate with the widest weighted range, at the geometric middle of
+    its values: the upper half keeps the parent's DP result (same top), only the lower half needs
+    a new DP. So the search bisects the levels (a few dozen DP runs) instead of walking them.
+    """
+    arrs, w = t.max_terms()
+    n = len(w)
+    ok = np.isfinite(t.UT)
+    levels = [np.unique(a[ok]) for a in arrs]
+    memo: dict[tuple[int, ...], tuple | None] = {}
+    top0 = tuple(len(lv) - 1 for lv in levels)
+    memo[top0] = res0
+    lo0 = tuple(min(int(np.searchsorted(lv, x * (1 - 1e-12), side="left")), len(lv) - 1) for lv, x in zip(levels, lows))
+
+    def bound(s: float, lo: tuple[int, ...]) -> float:
+        return s + sum(wk * float(levels[k][lo[k]]) for k, wk in enumerate(w))
+
+    def solve(hi: tuple[int, ...]) -> tuple | None:
+        if hi not in memo:
+            mask = ok.copy()
+            for k, a in enumerate(arrs):
+                if hi[k] < len(levels[k]) - 1:
+                    mask &= a <= levels[k][hi[k]]
+            memo[hi] = t.dp(np.where(mask, t.UT, INF))
+            state.calls += 1
+            runs[0] += 1
+            if memo[hi] is not None:
+                state.offer(*t.candidate(memo[hi][1]))
+        return memo[hi]
+
+    runs = [0]
+    heap = [(bound(res0[0], lo0), 0, lo0, top0)]
+    tick = 1
+    while heap:
+        lb, _, lo, hi = heapq.heappop(heap)
+        if state.beaten(lb):
+            break  # best first: every box left is bounded by at least this
+        if budget is not None and hi not in memo and runs[0] >= budget:
+            state.open_bound = min(state.open_bound, lb)
+            for item in heap:
+                state.open_bound = min(state.open_bound, item[0])
+            return
+        res = solve(hi)
+        if res is None:
+            continue
+        s = res[0]
+        lb = bound(s, lo)
+        if state.beaten(lb):
+            continue
+        # coordinate whose range costs the most; a box with all ranges single levels is settled by its DP
+        spans = [w[k] * float(levels[k][hi[k]] - levels[k][lo[k]]) for k in range(n)]
+        k = int(np.argmax(spans))
+        if spans[k] <= 0:
+            continue
+        a, b = float(levels[k][lo[k]]), float(levels[k][hi[k]])
+        mid_v = math.sqrt(a * b) if a > 0 else 0.5 * (a + b)
+        mid = int(np.searchsorted(levels[k], mid_v, side="right")) - 1
+        mid = min(max(mid, lo[k]), hi[k] - 1)
+        lower_hi = hi[:k] + (mid,) + hi[k + 1:]
+        upper_lo = lo[:k] + (mid + 1,) + lo[k + 1:]
+        heapq.heappush(heap, (bound(s, upper_lo), tick, upper_lo, hi))
+        heapq.heappush(heap, (lb, tick + 1, lo, lower_hi))
+        tick += 2
 
 
 def min_devices(cm: CostModel, bounds: list[int], space: SearchSpace) -> int | None:
