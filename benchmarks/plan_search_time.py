@@ -5,7 +5,8 @@
 Times the library call behind `rannc plan` (coarsening, DP search, simulation of the runners-up),
 then separately the baselines. Target: < 10 s on 32 nodes x 8 GPUs on a 2-core machine.
 Uses the analytic profile (rannc_cli.planner.synthetic.bert_profile, V100-16GB formulas) unless
---profile gives a `rannc profile --estimate` file.
+--profile gives a real estimate-mode profile (benchmarks/plan_estimate_profile.py writes one of
+the 96-layer model from meta-device shapes). "vs base" = predicted step / best baseline's step.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def main() -> None:
     prof = Profile.load(args.profile) if args.profile else bert_profile(layers=96, hidden=2048, batch_size=args.batch_size)
     source = args.profile or "analytic BERT-class L96 H2048 (V100-16GB formulas)"
     print(f"profile: {source}, {len(prof.blocks)} blocks, batch {args.batch_size}")
-    print(f"{'cluster':>8} {'search s':>9} {'+sim s':>7} {'baselines s':>12} {'DP runs':>8} {'step ms':>9} {'stages':>6}  replicas")
+    print(f"{'cluster':>8} {'search s':>9} {'+sim s':>7} {'baselines s':>12} {'DP runs':>8} {'step ms':>9} {'vs base':>7} {'stages':>6}  replicas")
     for spec in args.clusters.split(","):
         nodes, gpus = (int(x) for x in spec.split("x"))
         cluster = ClusterSpec.from_flags(nodes, gpus, "16GiB")
@@ -39,11 +40,13 @@ def main() -> None:
         from rannc_cli.planner.baselines import evaluate_baselines
         from rannc_cli.planner.search import SearchSpace
 
-        evaluate_baselines(rep.cost_model, SearchSpace.build(rep.cost_model).microbatches)
+        bases = evaluate_baselines(rep.cost_model, SearchSpace.build(rep.cost_model).microbatches)
         base = time.perf_counter() - t1
         reps = ",".join(str(s.replicas) for s in rep.plan.stages)
+        steps = [b.simulation.step_seconds for b in bases.values() if b is not None]
+        vs = f"{rep.simulation.step_seconds / min(steps):.3f}" if steps else "-"
         print(f"{spec:>8} {rep.search_seconds:9.2f} {total - rep.search_seconds:7.2f} {base:12.2f} {rep.dp_calls:8d} "
-              f"{1e3 * rep.simulation.step_seconds:9.1f} {len(rep.plan.stages):6d}  {reps}")
+              f"{1e3 * rep.simulation.step_seconds:9.1f} {vs:>7} {len(rep.plan.stages):6d}  {reps}")
 
 
 if __name__ == "__main__":

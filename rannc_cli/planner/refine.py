@@ -23,7 +23,7 @@ import math
 import numpy as np
 
 from rannc_cli.planner.costmodel import CostModel, warmup
-from rannc_cli.planner.placement import devices, link_in
+from rannc_cli.planner.placement import devices, link_in, replica_ok
 from rannc_cli.planner.simulate import makespan
 from rannc_cli.planner.search import INF, Candidate, _branch_and_bound, _State, unit_ranges
 
@@ -203,8 +203,35 @@ class Refiner:
             refine(self.cm, c, self.bounds, state=state, chain=self.chain(c))
             if len(done) >= structures:
                 break
+        # the coarse search has at most one stage per unit; deeper pipelines (each stage split in
+        # two halves of its replicas, same or doubled microbatch count) are refined the same way
+        for c in [c for c in sorted(state.seen.values(), key=lambda c: c.objective)]:
+            for split in self.splits(c):
+                key = structure(split)
+                if key not in done:
+                    done.add(key)
+                    refine(self.cm, split, self.bounds, state=state, chain=self.chain(split))
+            if len(done) >= 3 * structures:
+                break
         self.calls += state.calls
         return sorted(state.seen.values(), key=lambda c: c.objective)
+
+    def splits(self, c: Candidate) -> list[Candidate]:
+        """``c``'s structure with every stage split into two stages of half its replicas (when the
+        halves can be placed and there are enough units), at M and at 2M microbatches."""
+        g = self.cm.cluster.gpus_per_node
+        stages = []
+        for _, _, r, start, _ in c.stages:
+            if r < 2 or r % 2 or not replica_ok(r // 2, g):
+                return []
+            stages += [(0, 0, r // 2, start, False), (0, 0, r // 2, start + r // 2, False)]
+        if len(stages) > len(self.bounds) - 1:
+            return []
+        out = []
+        for m in (c.microbatches, 2 * c.microbatches):
+            if m <= self.cm.batch_size and self.cm.batch_size % m == 0 and max(st[2] for st in stages) <= self.cm.microbatch(m):
+                out.append(Candidate(INF, c.schedule, m, tuple(stages)))
+        return out
 
     def polish(self, cand: Candidate, max_sims: int = 400) -> tuple[Candidate, float] | None:
         """Local search on the boundaries of ``cand`` (which must start and end on ``self.bounds``)
