@@ -3,11 +3,12 @@
     report = make_plan(profile, ClusterSpec.from_flags(4, 8, "16GiB"), batch_size=256)
     report.plan, report.simulation.step_seconds, report.baselines["time"].simulation.step_seconds
 
-The search (search.py, or exhaustive.py) finds the exact optimum of the objective and keeps its
-runners-up; the 12 best by objective are simulated (simulate.py) and the one with the shortest
-simulated step is chosen (they differ only for unbalanced 1F1B pipelines, where the simulation is
-the finer model). If a baseline simulates faster (its boundaries can fall inside the search's
-coarsened units), that plan is returned instead and the report says so. Forced parts (stages, replicas, microbatches, schedule) narrow the space; the
+The search (search.py, or exhaustive.py) finds the exact optimum of the objective over coarsened
+units and keeps its runners-up; refine.py re-places the boundaries of the best structures (and of
+their two-way splits) exactly over the blocks; the 12 best by objective are simulated
+(simulate.py), the best three structures are polished under the simulator, and the plan with the
+shortest simulated step is chosen. If a baseline still simulates faster, that plan is returned
+instead and the report says so. Forced parts (stages, replicas, microbatches, schedule) narrow the space; the
 rest is still searched. When nothing fits, one RanncError says how much memory the model needs,
 which block cannot fit one GPU (if any) and the smallest cluster that would fit.
 """

@@ -14,12 +14,14 @@ The DP state after placing stages on units ``0..b-1`` is ``(b, d, j)``: ``d`` de
 placement order) and ``j`` stages still to come, counting the next one, which fixes how many
 microbatches a 1F1B stage holds (min(M, j)); ``j = J`` stands for "J or more" once that no longer
 changes anything (J = min(M, units)). A state's value is the least sum over its stages of
-forward+backward time. The objective's max terms (bottleneck time x (M - 1), slowest
-all-reduce) are handled by thresholds: the DP keeps only stage options under each threshold; its
-optimum has actual maxima x; every plan with all maxima >= x is no better, so the search splits
-the rest into "coordinate i below x_i" regions (a staircase) and prunes a region once its lower
-bound (parent sum + weighted lower bounds of the maxima) cannot beat the best plan found. Every
-DP result is kept as a candidate for the simulator to rank and for `--explain`.
+forward+backward time. The objective's max terms (bottleneck term, slowest all-reduce) are handled
+by thresholds: a DP restricted to stage options under given threshold levels gives the least sum
+for every plan under them, so a box of plans with maxima between lower and upper levels costs at
+least that sum plus the weighted lower levels. `_branch_and_bound` explores such boxes best first
+and bisects the widest one (the upper half keeps its parent's DP result, only the lower half needs
+a new DP), so it needs a few dozen DP runs where walking the levels one at a time needed
+thousands. Every DP result is kept as a candidate for refinement (refine.py), the simulator and
+`--explain`.
 """
 
 from __future__ import annotations
