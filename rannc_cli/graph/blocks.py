@@ -18,6 +18,7 @@ Rules:
 from __future__ import annotations
 
 import hashlib
+import json
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -106,7 +107,6 @@ def build_blocks(captured: CapturedModel, target: int | None = None) -> BlockGra
 
     # 2. module path of each owned op
     paths: dict[str, str] = {}
-    types: dict[str, str] = {}
     module_types: dict[str, str] = {"": type(captured.model).__name__}
     for n in owned_nodes:
         entry = _module_entry(n)
@@ -194,6 +194,14 @@ def grad_carrying_values(captured: CapturedModel) -> set[str]:
             if feeds and (is_float or isinstance(val, (tuple, list))):
                 carrying.add(node.name)
     return carrying
+
+
+def graph_hash(bg: BlockGraph) -> str:
+    """Hash of the blocked graph's structure (block signatures and wiring), names excluded: profiles
+    record it, plans carry it, and the runtime refuses a plan made for another graph."""
+    producer = bg.value_producer
+    parts = [(b.signature, [producer[v] for v in b.inputs]) for b in bg.blocks]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
 def _nearest_type(name: str, module_types: dict[str, str]) -> str:

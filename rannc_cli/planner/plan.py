@@ -43,6 +43,7 @@ class Plan:
     stages: list[StagePlan]
     profile_hash: str = ""
     cluster_fingerprint: str = ""
+    graph_hash: str = ""  # the captured graph it was made for (profile model.graph_hash); checked by the runtime
     model: str = ""
     cluster: dict[str, Any] = field(default_factory=dict)
     predicted: dict[str, Any] = field(default_factory=dict)

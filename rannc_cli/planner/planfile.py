@@ -14,7 +14,7 @@ from typing import Any
 
 from rannc_cli import __version__
 from rannc_cli.errors import RanncError
-from rannc_cli.fileio import write_text_atomic
+from rannc_cli.fileio import read_yaml, write_text_atomic
 from rannc_cli.planner.cluster import ClusterSpec
 from rannc_cli.planner.plan import Plan, StagePlan
 
@@ -40,6 +40,7 @@ def plan_to_dict(plan: Plan, block_names: list[str] | None = None) -> dict[str, 
         "rannc_version": __version__,
         "model": plan.model,
         "profile_hash": plan.profile_hash,
+        "graph_hash": plan.graph_hash,
         "cluster_fingerprint": plan.cluster_fingerprint,
         "cluster": plan.cluster,
         "batch_size": plan.batch_size,
@@ -77,6 +78,7 @@ def plan_from_dict(data: Any, source: str = "<plan>") -> Plan:
         plan = Plan(schedule=str(data["schedule"]), microbatches=int(data["microbatches"]),
                     batch_size=int(data["batch_size"]), stages=stages, profile_hash=str(data["profile_hash"]),
                     cluster_fingerprint=str(data["cluster_fingerprint"]), model=str(data.get("model", "")),
+                    graph_hash=str(data.get("graph_hash", "") or ""),
                     cluster=dict(data.get("cluster") or {}), predicted=dict(data.get("predicted") or {}),
                     created=str(data.get("created", "")))
     except (KeyError, TypeError, ValueError, IndexError) as exc:
@@ -88,15 +90,7 @@ def plan_from_dict(data: Any, source: str = "<plan>") -> Plan:
 
 
 def load_plan(path: Path | str) -> Plan:
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise RanncError(f"plan file {path} does not exist", hint="create one with `rannc plan --out FILE`")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise RanncError(f"plan file {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    data = read_yaml(path, "plan file", "create one with `rannc plan --out FILE`")
     return plan_from_dict(data, str(path))
 
 

@@ -68,6 +68,7 @@ def plan_candidate(plan: Plan, cm: CostModel, objective: float) -> Candidate:
 def annotate(plan: Plan, sim: Simulation, cm: CostModel, profile: Profile) -> Plan:
     """Record the profile hash, cluster fingerprint and predictions in the plan."""
     plan.profile_hash = profile.content_hash()
+    plan.graph_hash = str(profile.model.get("graph_hash", ""))
     plan.cluster_fingerprint = cm.cluster.fingerprint
     plan.model = str(profile.model.get("name", ""))
     plan.cluster = {"nodes": cm.cluster.nodes, "gpus_per_node": cm.cluster.gpus_per_node,

@@ -13,19 +13,17 @@ dimension. Estimate mode makes shape-only fake inputs instead and runs no kernel
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
-import json
 import os
 import platform
 import time
 from typing import Any, Callable
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 from rannc_cli.config import settings
 from rannc_cli.errors import RanncError
-from rannc_cli.graph.blocks import BlockGraph, build_blocks
+from rannc_cli.graph.blocks import BlockGraph, build_blocks, graph_hash
 from rannc_cli.graph.capture import CapturedModel, capture
 from rannc_cli.graph.stages import StageModule, build_stages
 from rannc_cli.profiler import cache
@@ -157,12 +155,6 @@ def fake_block_inputs(bg: BlockGraph, stage: StageModule, microbatch: int, fake_
             inp = next((i for i in captured.inputs if i.placeholder == name), None)
             out.append(inp.constant if inp is not None else val)
     return out
-
-
-def graph_hash(bg: BlockGraph) -> str:
-    producer = bg.value_producer
-    parts = [(b.signature, [producer[v] for v in b.inputs]) for b in bg.blocks]
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from rannc_cli.errors import RanncError
-from rannc_cli.graph.blocks import BlockGraph, build_blocks
+from rannc_cli.graph.blocks import BlockGraph, build_blocks, graph_hash
 from rannc_cli.graph.capture import capture, guess_batch_size
 from rannc_cli.graph.stages import StageModule, build_stages
 from rannc_cli.planner.plan import Plan
@@ -197,6 +197,10 @@ class Engine:
         if self.plan is None:
             self._setup(bg, args, kwargs)
         assert self.plan is not None and self.layout is not None
+        if training and self.plan.graph_hash and self.plan.graph_hash != graph_hash(bg):
+            raise RanncError(f"the plan was made for another model graph ({self.plan.model or '?'}, graph "
+                             f"{self.plan.graph_hash}); this model's graph is {graph_hash(bg)}",
+                             hint="profile and plan this model again (rannc profile, rannc plan) or drop RANNC_PLAN")
         if self.plan.stages[-1].end != len(bg.blocks):
             raise RanncError(f"the model has {len(bg.blocks)} blocks in {'train' if training else 'eval'} mode but "
                              f"{self.plan.stages[-1].end} in the mode it was planned in",
