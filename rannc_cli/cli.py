@@ -115,6 +115,7 @@ def run_cmd(
     schedule: Optional[str] = typer.Option(None, "--schedule", help="Pipeline schedule: 1f1b (default) or gpipe."),
     plan: Optional[Path] = typer.Option(None, "--plan", help="Run this plan file (`rannc plan --out`) instead of planning at the first forward."),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Activation checkpointing: auto (as planned), on or off."),
+    log_dir: Optional[Path] = typer.Option(None, "--log-dir", help="Also write each rank's output to DIR/rank-<R>.log (only rank 0's reaches the terminal)."),
 ) -> None:
     """Run a training script in N local processes as one pipeline + data parallel job.
 
@@ -124,7 +125,8 @@ def run_cmd(
     from rannc_cli.runtime.launcher import run_local
 
     code = run_local(script, list(ctx.args), nproc, stages=stages, replicas=_parse_replicas(replicas),
-                     microbatches=microbatches, schedule=schedule, plan=plan, checkpoint=checkpoint)
+                     microbatches=microbatches, schedule=schedule, plan=plan, checkpoint=checkpoint,
+                     log_dir=log_dir)
     raise typer.Exit(code)
 
 

@@ -84,6 +84,7 @@ REGISTRY: dict[str, Setting] = {
         Setting("runtime_device", "auto", "Runtime: auto (the local GPU if any, else CPU), cpu or cuda.", str),
         Setting("runtime_profile", "auto", "Runtime planning: how rank 0 profiles, measured or estimated (auto: measured on CPU, estimated on GPUs).", str),
         Setting("runtime_memory", "", "Runtime planning: memory per process to plan for, like 4GiB (empty: the GPU's, or host memory / processes).", str),
+        Setting("checkpoint_dir", "", "Runtime: on SIGUSR1 checkpoint here and exit 0; resume from here at the next start (job scripts set RANNC_CHECKPOINT_DIR).", str),
         Setting("loss_reduction", "mean", "Runtime: how the model's loss reduces over the batch, mean or sum (microbatch losses are combined to match).", str),
     ]
 }

@@ -55,12 +55,20 @@ def test_sharded_checkpoint_resumes_the_exact_trajectory(tmp_path):
 def test_a_failing_rank_ends_the_job_with_its_error(tmp_path):
     case = {"id": "fault", "model": "example_mlp", "options": P([1, 1, 1], 2)}
     t0 = time.monotonic()
-    proc = launch(tmp_path, [case], 3, env={"RANNC_RUNTIME_TIMEOUT": "30"}, worker_args=("--fail-rank", "1"))
+    logs = tmp_path / "logs"
+    proc = launch(tmp_path, [case], 3, "--log-dir", str(logs), env={"RANNC_RUNTIME_TIMEOUT": "30"},
+                  worker_args=("--fail-rank", "1"))
     elapsed = time.monotonic() - t0
     assert proc.returncode == 1, proc.stderr[-3000:]
-    assert "injected failure on rank 1 at step 2" in proc.stderr
-    assert "rannc run: rank 1 failed first (exit code 1)" in proc.stderr
+    assert f"rannc run: rank 1 failed first (exit code 1) (see {logs / 'rank-1.log'})" in proc.stderr
     assert elapsed < 90
+    # --log-dir: every rank's output in rank-<R>.log, only rank 0's on the terminal
+    rank1 = (logs / "rank-1.log").read_text()
+    assert "Traceback (most recent call last)" in rank1 and "injected failure on rank 1 at step 2" in rank1
+    assert "injected failure" not in proc.stderr and "[rank " not in proc.stderr
+    assert sorted(p.name for p in logs.iterdir()) == ["rank-0.log", "rank-1.log", "rank-2.log"]
+    for line in (logs / "rank-0.log").read_text().splitlines():  # rank 0's output: log and terminal
+        assert line in proc.stdout + proc.stderr, line
 
 
 def test_a_hanging_rank_is_given_up_on_after_the_timeout(tmp_path):

@@ -25,6 +25,13 @@ import torch.distributed as dist
 from rannc_cli.errors import RanncError
 
 
+def plan_key(plan: Any) -> str:
+    """A plan's identity (boundaries, replicas, devices, schedule, microbatches, checkpointing) as text."""
+    schedule, microbatches, stages = plan.key()
+    return repr((schedule, int(microbatches), tuple((int(a), int(b), int(r), tuple(tuple(int(x) for x in d) for d in devs),
+                                                     bool(c)) for a, b, r, devs, c in stages)))
+
+
 def _owner(engine: Any, tensor: torch.Tensor) -> int:
     ranks = engine.holders.get(id(tensor))
     return ranks[0] if ranks else 0
@@ -140,7 +147,15 @@ def trim_optimizer(engine: Any, opt: torch.optim.Optimizer) -> None:
 
     opt.state_dict = types.MethodType(state_dict, opt)  # type: ignore[method-assign]
     opt.load_state_dict = types.MethodType(load_state_dict, opt)  # type: ignore[method-assign]
+    def groups_by_index() -> list[dict[str, Any]]:
+        out, n = [], 0
+        for g, params in zip(opt.param_groups, original):
+            out.append({**{k: v for k, v in g.items() if k != "params"}, "params": list(range(n, n + len(params)))})
+            n += len(params)
+        return out
+
     opt._rannc_local_state = local_by_index  # type: ignore[attr-defined]
+    opt._rannc_groups = groups_by_index  # type: ignore[attr-defined]
     opt._rannc_base = (base_state_dict, base_load)  # type: ignore[attr-defined]
 
 
@@ -178,11 +193,15 @@ def save_shards(engine: Any, directory: str | Path) -> Path:
     tensors = {k: v.detach().cpu().clone() for k, v in live.items()
                if isinstance(v, torch.Tensor) and (id(v) in local or engine.rank in engine.holders.get(id(v), ()))}
     shard: dict[str, Any] = {"format": "rannc-shard", "rank": engine.rank, "world_size": engine.world,
-                             "plan_key": repr(engine.plan.key()), "tensors": tensors, "step": engine.step,
-                             "seed_scale": engine.seed_scale, "scaled": engine.scaled, "rng_base": engine.rng_base}
+                             "plan_key": plan_key(engine.plan), "tensors": tensors, "step": engine.step,
+                             "seed_scale": engine.seed_scale, "scaled": engine.scaled, "rng_base": engine.rng_base,
+                             "losses": list(engine.losses)}
     opt = engine.optimizer
     if opt is not None and hasattr(opt, "_rannc_base"):
         shard["optimizer"] = _to_cpu(opt._rannc_base[0]())
+        # the same state in the single-device numbering, for loading into another plan
+        shard["optimizer_by_index"] = _to_cpu(opt._rannc_local_state())
+        shard["optimizer_groups"] = opt._rannc_groups()
     if engine.rank == 0:
         save_plan(engine.plan, directory / "plan.yaml")
     _save_atomic(shard, directory / f"rank-{engine.rank}.pt")
@@ -201,19 +220,57 @@ def load_shards(engine: Any, directory: str | Path) -> None:
     if shard.get("format") != "rannc-shard" or shard.get("world_size") != engine.world:
         raise RanncError(f"{path} was saved by {shard.get('world_size')} processes, this job has {engine.world}",
                          hint="resume with the same number of processes, or load a full state_dict instead")
-    if shard.get("plan_key") != repr(engine.plan.key()):
+    if shard.get("plan_key") != plan_key(engine.plan):
         raise RanncError(f"{path} was saved with another plan", hint="resume with the plan in the checkpoint folder")
     live = engine.model.state_dict(keep_vars=True)
     with torch.no_grad():
         for k, v in shard["tensors"].items():
             live[k].copy_(v.to(live[k].device))
+    _counters(engine, shard)
+    opt = engine.optimizer
+    if opt is not None and "optimizer" in shard and hasattr(opt, "_rannc_base"):
+        opt._rannc_base[1](shard["optimizer"])
+    dist.barrier()
+
+
+def _counters(engine: Any, shard: dict[str, Any]) -> None:
     engine.step = int(shard["step"])
     engine.seed_scale = float(shard["seed_scale"])
     engine.scaled = bool(shard["scaled"])
     engine.rng_base = int(shard["rng_base"])
+    engine.losses = [float(x) for x in shard.get("losses", [])]
     for mode in engine.modes.values():
         mode.executor.rng_base = engine.rng_base
+
+
+def load_gathered(engine: Any, directory: str | Path) -> None:
+    """Load a sharded checkpoint saved with another plan or world size: every rank assembles the full
+    single-device state from all shards (one file at a time) and keeps what its new stage holds."""
+    directory = Path(directory)
+    paths = sorted(directory.glob("rank-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+    if not paths:
+        raise RanncError(f"checkpoint {directory} has no rank-*.pt shards")
+    model_state: dict[str, torch.Tensor] = {}
+    opt_state: dict[int, Any] = {}
+    groups = None
+    first: dict[str, Any] | None = None
+    for path in paths:
+        shard = torch.load(path, map_location="cpu", weights_only=False)
+        if shard.get("format") != "rannc-shard":
+            raise RanncError(f"{path} is not a rannc checkpoint shard")
+        first = first or shard
+        for k, v in shard["tensors"].items():
+            model_state.setdefault(k, v)
+        opt_state.update(shard.get("optimizer_by_index", {}))
+        groups = groups or shard.get("optimizer_groups")
+        del shard
+    assert first is not None
+    if len(paths) != int(first.get("world_size", len(paths))):
+        raise RanncError(f"checkpoint {directory} has {len(paths)} shards but was saved by {first.get('world_size')} "
+                         "processes", hint="the checkpoint is incomplete; restore it or start afresh")
+    load_full_state_dict(engine, model_state, strict=False)
     opt = engine.optimizer
-    if opt is not None and "optimizer" in shard and hasattr(opt, "_rannc_base"):
-        opt._rannc_base[1](shard["optimizer"])
+    if opt is not None and groups is not None and hasattr(opt, "_rannc_base"):
+        opt.load_state_dict({"state": opt_state, "param_groups": groups})
+    _counters(engine, first)
     dist.barrier()

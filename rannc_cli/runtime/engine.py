@@ -144,6 +144,16 @@ class Engine:
         self.placeholder: nn.Parameter | None = None
         self.resume_from: str | None = None
         self._checked_inputs = False
+        # preemption and requeue (rannc_cli/runtime/preempt.py)
+        from rannc_cli.runtime.preempt import Preemption, checkpoint_root
+
+        self.losses: list[float] = []  # every trained step's loss, kept in checkpoints for replay
+        self.ckpt_root = checkpoint_root()
+        self.watch = Preemption.install() if self.ckpt_root is not None else None
+        self.stop_agreed = False  # some rank got SIGUSR1: checkpoint after this step and exit
+        self.replay_until = 0  # training forwards to replay after a resume (steps already trained)
+        self.replayed = 0
+        self.in_replay = False
 
     # ------------------------------------------------------------------ setup
     def _batch(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -225,10 +235,19 @@ class Engine:
         """Plan (or load the plan), place parameters, make groups, trim the optimizer."""
         batch_size = bg.captured.batch_size
         c = self.constraints
-        if self.resume_from is not None:
-            from pathlib import Path
+        from pathlib import Path
 
+        auto = None
+        if self.resume_from is not None:
             c.plan = Path(self.resume_from) / "plan.yaml"
+        elif self.ckpt_root is not None:
+            from rannc_cli.runtime.preempt import latest_checkpoint
+
+            auto = latest_checkpoint(self.ckpt_root)
+            same_shape = auto is not None and auto[1]["world_size"] == self.world and \
+                auto[1]["local_world_size"] == self.env.local_world_size
+            if same_shape and c.plan is None:
+                c.plan = auto[0] / "plan.yaml"  # no plan given: keep the checkpoint's
         with self._full_shapes():
             self.plan, self.rng_base = obtain_plan(self.model, args, kwargs, len(bg.blocks), batch_size, self.env,
                                                    self.device, c, estimate=bool(self.deferred))
@@ -294,10 +313,53 @@ class Engine:
                 self.placeholder = nn.Parameter(torch.zeros(0, device=self.device))
                 self.optimizer.param_groups[0]["params"].append(self.placeholder)
         del role, objects
+        if self.optimizer is not None:
+            self._wrap_optimizer_step(self.optimizer)
         if self.resume_from is not None:
             from rannc_cli.runtime.checkpoint import load_shards
 
             load_shards(self, self.resume_from)
+        elif auto is not None:
+            from rannc_cli.runtime.checkpoint import load_gathered, load_shards, plan_key
+
+            folder, manifest = auto
+            exact = manifest["world_size"] == self.world and manifest["plan_key"] == plan_key(self.plan)
+            (load_shards if exact else load_gathered)(self, folder)
+            self.replay_until = self.step
+            if self.rank == 0:
+                how = "same plan, exact shards" if exact else \
+                    f"saved by {manifest['world_size']} process(es) with another plan, state gathered into this plan"
+                print(f"rannc: resumed at step {self.step} from {folder} ({how}); the first {self.step} training "
+                      "step(s) of the script replay without training", file=sys.stderr, flush=True)
+
+    # ------------------------------------------------------------------ preemption
+    def _wrap_optimizer_step(self, opt: torch.optim.Optimizer) -> None:
+        """optimizer.step(): a no-op for replayed steps; after it, the agreed preemption checkpoint."""
+        base = opt.step
+        engine = self
+
+        def step(*a: Any, **kw: Any) -> Any:
+            if engine.in_replay:
+                return None
+            out = base(*a, **kw)
+            if engine.stop_agreed:
+                engine.checkpoint_and_exit()
+            return out
+
+        opt.step = step  # type: ignore[method-assign]
+
+    def checkpoint_and_exit(self) -> None:
+        """Every rank: write the preemption checkpoint, then leave with exit code 0 (SystemExit)."""
+        from rannc_cli.runtime.preempt import write_checkpoint
+
+        assert self.ckpt_root is not None
+        folder = write_checkpoint(self, self.ckpt_root)
+        print(f"rannc: rank {self.rank} checkpointed at step {self.step} in {folder}; exiting for requeue",
+              file=sys.stderr, flush=True)
+        try:
+            dist.destroy_process_group()
+        finally:
+            sys.exit(0)
 
     # ------------------------------------------------------------------ one step
     def forward(self, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -323,6 +385,13 @@ class Engine:
             self._checked_inputs = True
         mode = self._mode(args, kwargs)
         captured = mode.bg.captured
+        train = torch.is_grad_enabled()
+        if train and self.stop_agreed and self.optimizer is None:
+            self.checkpoint_and_exit()  # no optimizer to wait for: the previous step is complete
+        if train:
+            self.in_replay = False
+        if train and self.replayed < self.replay_until:
+            return self._replay(captured, args, kwargs)
         values = captured.flatten_inputs(args, kwargs)
         sizes = {v.shape[i.batch_dim] for i in captured.inputs if i.is_tensor and i.batch_dim is not None
                  for v in [values[i.placeholder]]}
@@ -330,7 +399,6 @@ class Engine:
             raise RanncError(f"the batch's tensors disagree on the batch size ({sorted(sizes)})",
                              hint="give every batch input the same first dimension")
         batch_size = sizes.pop()
-        train = torch.is_grad_enabled()
         out_device = next((t.device for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)),
                           self.device)
         loss_dtype = captured.node(captured.loss_node).meta["val"].dtype
@@ -348,8 +416,14 @@ class Engine:
             flag = 0.0
             if train and self.scaled:
                 flag = float(any(p.grad is not None and not torch.isfinite(p.grad).all() for p in self.local))
-            total = torch.tensor([float(local), flag], dtype=torch.float64, device=self.device)
+            stop = float(self.watch is not None and self.watch.requested)
+            total = torch.tensor([float(local), flag, stop], dtype=torch.float64, device=self.device)
             dist.all_reduce(total)
+            if total[2].item() > 0 and not self.stop_agreed:
+                self.stop_agreed = True
+                if self.rank == 0:
+                    print(f"rannc: preemption requested; checkpointing after step {self.step + int(train)}",
+                          file=sys.stderr, flush=True)
             pending: dict[nn.Parameter, torch.Tensor | None] = {}
             if train:
                 nonfinite = bool(total[1].item() > 0)
@@ -368,7 +442,23 @@ class Engine:
         if not train:
             return loss
         self.step += 1
+        self.losses.append(float(total[0]))
         return _PipelineLoss.apply(self.anchor, loss, self, pending, seed)
+
+    def _replay(self, captured: Any, args: tuple, kwargs: dict) -> torch.Tensor:
+        """A training step the checkpoint already contains: its recorded loss, no gradients, no update."""
+        value = self.losses[self.replayed] if self.replayed < len(self.losses) else float("nan")
+        self.replayed += 1
+        self.in_replay = True
+        out_device = next((t.device for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)),
+                          self.device)
+        loss = torch.tensor(value, dtype=captured.node(captured.loss_node).meta["val"].dtype, device=out_device)
+        pending: dict[nn.Parameter, torch.Tensor | None] = {}
+        if self.scaled:  # GradScaler.step needs gradients to inspect; zeros are finite, as the real ones were
+            pending = {p: torch.zeros_like(p) for p in self.local if p.requires_grad}
+            if self.placeholder is not None:
+                pending[self.placeholder] = torch.zeros(0, device=self.device)
+        return _PipelineLoss.apply(self.anchor, loss, self, pending, self.seed_scale)
 
     def apply_grads(self, pending: dict[nn.Parameter, torch.Tensor | None], grad_output: float, seed: float) -> None:
         """``loss.backward()``: add grad_output / seed times this step's gradients to ``.grad``."""

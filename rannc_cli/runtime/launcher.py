@@ -5,7 +5,10 @@
 Each worker gets torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
 MASTER_ADDR, MASTER_PORT), the plan constraints as RANNC_* settings, and one thread on CPU-only
 machines (OMP_NUM_THREADS=1 unless set); with GPUs each worker uses the GPU of its local rank.
-Rank 0's output passes through unchanged, other ranks' lines are prefixed ``[rank R]``. When a
+Rank 0's output passes through unchanged, other ranks' lines are prefixed ``[rank R]``; with
+``log_dir`` every rank's stdout and stderr also go to ``log_dir/rank-<R>.log`` (appended) and only
+rank 0's output reaches the terminal. SIGUSR1 (checkpoint now, see rannc_cli/runtime/preempt.py)
+and SIGTERM sent to the launcher are forwarded to every worker. When a
 worker exits non-zero the others get two seconds to report, then are stopped; the exit code is
 that of the worker that failed first (a worker that only lost contact with a failed peer exits
 3 and counts only when no other worker failed), 0 when all succeed.
@@ -34,18 +37,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _pump(stream: IO[bytes], out: IO[str], prefix: str, lock: threading.Lock) -> None:
+def _pump(stream: IO[bytes], out: IO[str] | None, prefix: str, lock: threading.Lock, log: IO[bytes] | None = None) -> None:
     for raw in iter(stream.readline, b""):
-        line = raw.decode(errors="replace")
         with lock:
-            out.write(prefix + line if prefix else line)
-            out.flush()
+            if log is not None:
+                log.write(raw)
+                log.flush()
+            if out is not None:
+                line = raw.decode(errors="replace")
+                out.write(prefix + line if prefix else line)
+                out.flush()
     stream.close()
 
 
 def run_local(script: str | Path, script_args: list[str], nproc: int, stages: int | None = None,
               replicas: list[int] | None = None, microbatches: int | None = None, schedule: str | None = None,
-              plan: str | Path | None = None, checkpoint: str | None = None, grace: float = 2.0) -> int:
+              plan: str | Path | None = None, checkpoint: str | None = None, grace: float = 2.0,
+              log_dir: str | Path | None = None) -> int:
     """Run ``script`` in ``nproc`` processes; return the exit code (see the module docstring)."""
     script = Path(script)
     if not script.is_file():
@@ -76,17 +84,46 @@ def run_local(script: str | Path, script_args: list[str], nproc: int, stages: in
         if value is not None:
             base[key] = str(Path(value).resolve()) if key == "RANNC_PLAN" else str(value)
 
+    logs: list[IO[bytes]] = []
+    if log_dir is not None:
+        log_dir = Path(log_dir)
+        try:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            logs = [open(log_dir / f"rank-{rank}.log", "ab") for rank in range(nproc)]
+        except OSError as exc:
+            raise RanncError(f"cannot write rank logs in {log_dir} ({exc.strerror})",
+                             hint="pass a writable --log-dir") from None
+
     lock = threading.Lock()
     procs: list[subprocess.Popen] = []
     pumps: list[threading.Thread] = []
+
+    def forward(signum, _frame):  # type: ignore[no-untyped-def]
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    previous = {}
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, forward)
+        except ValueError:  # not the main thread
+            pass
     for rank in range(nproc):
         env = dict(base, RANK=str(rank), LOCAL_RANK=str(rank))
+        if logs and rank > 0:  # straight into its log, not to the terminal
+            proc = subprocess.Popen([sys.executable, "-u", str(script), *script_args], env=env,
+                                    stdin=subprocess.DEVNULL, stdout=logs[rank], stderr=subprocess.STDOUT)
+            procs.append(proc)
+            continue
         proc = subprocess.Popen([sys.executable, "-u", str(script), *script_args], env=env,
+                                stdin=subprocess.DEVNULL if logs else None,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         procs.append(proc)
         prefix = "" if rank == 0 else f"[rank {rank}] "
         for stream, out in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr)):
-            t = threading.Thread(target=_pump, args=(stream, out, prefix, lock), daemon=True)
+            t = threading.Thread(target=_pump, args=(stream, out, prefix, lock, logs[rank] if logs else None),
+                                 daemon=True)
             t.start()
             pumps.append(t)
 
@@ -120,8 +157,13 @@ def run_local(script: str | Path, script_args: list[str], nproc: int, stages: in
                 proc.send_signal(signal.SIGINT)
         _reap(procs, 5.0)
         raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     for t in pumps:
         t.join(timeout=2.0)
+    for log in logs:
+        log.close()
     if not failures:
         return 0
     origin = next(((r, c) for r, c in failures if c != PEER_LOST), failures[0])
@@ -129,7 +171,8 @@ def run_local(script: str | Path, script_args: list[str], nproc: int, stages: in
     code = 128 - code if code < 0 else code
     others = [r for r, _ in failures if r != rank] + sorted(stopped)
     tail = f"; stopped or lost ranks {', '.join(map(str, sorted(set(others))))}" if others else ""
-    print(f"rannc run: rank {rank} failed first (exit code {code}){tail}", file=sys.stderr, flush=True)
+    where = f" (see {Path(log_dir) / f'rank-{rank}.log'})" if log_dir is not None else ""
+    print(f"rannc run: rank {rank} failed first (exit code {code}){where}{tail}", file=sys.stderr, flush=True)
     return code
 
 

@@ -45,6 +45,11 @@ class RaNNCModule(nn.Module):
         env = detect_env()
         self._engine = None
         self._env = env if env is not None and env.world_size > 1 else None
+        if self._env is not None:
+            from rannc_cli.runtime.preempt import Preemption, checkpoint_root
+
+            if checkpoint_root() is not None:
+                Preemption.install()  # from now on SIGUSR1 means: checkpoint at the end of a step
         if self._env is None:
             from rannc_cli.runtime.deferred import materialize_all
 
