@@ -18,12 +18,13 @@ mkdir -p "$RANNC_CHECKPOINT_DIR"
 
 /home/alice/venv/bin/python -m rannc_cli.scheduler.phase plan --job-dir "$JOB_DIR" --nodes 1 --gpus 4 || exit $?
 
-# SIGUSR1 (time-limit warning) and SIGTERM reach the launcher, which forwards them to every rank.
+# SIGUSR1 (time-limit warning) and SIGTERM reach `rannc run`, which forwards them to every rank
+# (one log per rank in $PHASE_DIR/rank-<R>.log).
 trap 'kill -USR1 "$LAUNCH_PID" 2>/dev/null' USR1
 trap 'kill -TERM "$LAUNCH_PID" 2>/dev/null' TERM
 cd /home/alice/src
 date +%s > "$PHASE_DIR/rannc-train-start"
-/home/alice/venv/bin/python -m rannc_cli.scheduler.launch --nproc 4 --log-dir "$PHASE_DIR" -- /home/alice/venv/bin/python /home/alice/src/train.py --lr 0.1 &
+/home/alice/venv/bin/python -m rannc_cli.cli run --nproc 4 --log-dir "$PHASE_DIR" /home/alice/src/train.py -- --lr 0.1 &
 LAUNCH_PID=$!
 while :; do
     wait "$LAUNCH_PID"

@@ -55,6 +55,7 @@ trap rannc_warning USR1
 
 cd /home/alice/src
 date +%s > "$PHASE_DIR/rannc-train-start"
+rm -f "$RANNC_CHECKPOINT_DIR/rannc-preempted"   # the ranks write it when they checkpointed and stopped early
 srun --kill-on-bad-exit=1 --ntasks=32 --ntasks-per-node=8 --open-mode=append --output="$PHASE_DIR/rank-%t.log" bash "$JOB_DIR/rank.sh" &
 SRUN_PID=$!
 while :; do
@@ -62,7 +63,7 @@ while :; do
     code=$?
     kill -0 "$SRUN_PID" 2>/dev/null || break
 done
-if [ "$RANNC_WARNED" = 1 ] && [ "$RANNC_RESTART_COUNT" -lt 3 ]; then
+if [ "$RANNC_WARNED" = 1 ] && [ -f "$RANNC_CHECKPOINT_DIR/rannc-preempted" ] && [ "$RANNC_RESTART_COUNT" -lt 3 ]; then
     RANNC_REQUEUING=1
     echo $((RANNC_RESTART_COUNT + 1)) > "$PHASE_DIR/rannc-requeued"
     echo "rannc: ranks stopped (code $code); requeueing job $SLURM_JOB_ID to resume from $RANNC_CHECKPOINT_DIR"
