@@ -2,8 +2,10 @@
 
     RANNC_CHECKPOINT_DIR=... RANK=0 python ckpt_train.py --steps 40 --delay 0.2
 
-On SIGUSR1 it writes its step to RANNC_CHECKPOINT_DIR/state-<rank>.json and exits 0, as the
-runtime does; on start it resumes from that file. The "loss" falls with the step.
+On SIGUSR1 it writes its step to RANNC_CHECKPOINT_DIR/state-<rank>.json (and rank 0 the
+rannc-preempted marker the Slurm job script requeues on) and exits 0, as the runtime does; on start
+it resumes from that file. The "loss" falls with the step. The requeue test itself runs the real
+runtime (examples/mlp.py); this stand-in serves the tests that only need a slow, torch-free rank.
 """
 
 import argparse
@@ -38,6 +40,9 @@ for step in range(start, args.steps):
         with open(path + ".tmp", "w") as f:
             json.dump({"step": step}, f)
         os.replace(path + ".tmp", path)
+        if rank == 0:
+            with open(os.path.join(ckdir, "rannc-preempted"), "w") as f:
+                f.write(f"{step}\n")
         print(f"checkpointed at step {step}", flush=True)
         sys.exit(0)
     print(f"step {step} loss {1.0 / (step + 1):.4f}", flush=True)
