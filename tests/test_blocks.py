@@ -63,3 +63,17 @@ def test_block_target_controls_granularity():
     fine = build_blocks(c, target=64)
     assert len(coarse.blocks) < len(fine.blocks)
     assert coarse.depth < fine.depth
+
+
+def test_first_layer_is_not_deduplicated_with_identical_later_layers():
+    """Same shapes, but the first Linear's input needs no gradient: its backward skips a matmul,
+    so it must not stand in for the later layers (that made profiles underestimate backward)."""
+    ex = load_example("mlp")
+    torch.manual_seed(0)
+    model = ex.MLP(d_in=32, hidden=32, layers=4)
+    x, y = next(ex.batches(1, 8, 32, 10, 0))
+    bg = build_blocks(capture(model, (x, y), {}))
+    first = next(b for b in bg.blocks if b.name == "layers.0.0")
+    later = [b for b in bg.blocks if b.name in ("layers.1.0", "layers.2.0", "layers.3.0")]
+    assert len({b.cls for b in later}) == 1
+    assert first.cls != later[0].cls
