@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
@@ -25,7 +24,7 @@ from rannc_cli.errors import RanncError
 from rannc_cli.paths import project_root
 from rannc_cli.profiler.format import BlockCost
 from rannc_cli.profiler.measure import BlockRun
-from rannc_cli.profiler.memory import MemoryTracker, SavedTensorMeter, aliases_inputs, storage_key
+from rannc_cli.profiler.memory import MemoryTracker, SavedTensorMeter, aliases_inputs, storage_key, tensors_in
 
 
 @dataclass
@@ -91,10 +90,6 @@ def load_device_spec(name: str) -> DeviceSpec:
                      hint=f"pick one of {', '.join(sorted(specs))} or add it to configs/devices.yaml")
 
 
-def _tensors(tree: Any) -> list[torch.Tensor]:
-    return [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
-
-
 class OpCostMode(TorchDispatchMode):
     """Adds up the roofline time and FLOPs of every op dispatched inside it."""
 
@@ -108,8 +103,8 @@ class OpCostMode(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        ins = _tensors((args, kwargs))
-        outs = _tensors(out)
+        ins = tensors_in((args, kwargs))
+        outs = tensors_in(out)
         if not outs and not ins:
             return out
         in_keys = {storage_key(t) for t in ins}

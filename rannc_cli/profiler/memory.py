@@ -32,7 +32,7 @@ def aliases_inputs(func: Any) -> bool:
     return bool(schema is not None and schema.returns and all(r.alias_info is not None for r in schema.returns))
 
 
-def _tensors(tree: Any) -> list[torch.Tensor]:
+def tensors_in(tree: Any) -> list[torch.Tensor]:
     return [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
 
 
@@ -56,12 +56,12 @@ class MemoryTracker(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         self._step += 1
-        in_keys = {storage_key(t) for t in _tensors((args, kwargs))}
+        in_keys = {storage_key(t) for t in tensors_in((args, kwargs))}
         for key in in_keys:
             gen = self._current.get(key)
             if gen is not None:
                 self._last[gen] = self._step
-        for t in _tensors(out):
+        for t in tensors_in(out):
             key = storage_key(t)
             if key in in_keys or aliases_inputs(func):
                 continue  # a view or an in-place result: no new storage
