@@ -13,8 +13,6 @@ speak the single-device format (parameter indices of the original optimizer) on 
 
 from __future__ import annotations
 
-import os
-import tempfile
 import types
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from rannc_cli.errors import RanncError
+from rannc_cli.fileio import atomic_path
 
 
 def plan_key(plan: Any) -> str:
@@ -169,16 +168,8 @@ def _to_cpu(value: Any) -> Any:
 
 # ---------------------------------------------------------------------------- sharded checkpoints
 def _save_atomic(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_shards(engine: Any, directory: str | Path) -> Path:

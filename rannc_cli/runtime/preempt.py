@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from rannc_cli.errors import RanncError
+from rannc_cli.fileio import write_text_atomic
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
@@ -77,12 +78,6 @@ class Preemption:
         return watch
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def latest_checkpoint(root: Path | None) -> tuple[Path, dict[str, Any]] | None:
     """The complete checkpoint ``root/latest`` names, or None when there is none."""
     if root is None or not (root / LATEST).is_file():
@@ -109,12 +104,12 @@ def write_checkpoint(engine: Any, root: Path, preempted: bool = True) -> Path:
     if engine.rank == 0:
         manifest = {"format": "rannc-checkpoint", "step": engine.step, "world_size": engine.world,
                     "local_world_size": engine.env.local_world_size, "plan_key": plan_key(engine.plan)}
-        _write_atomic(folder / MANIFEST, json.dumps(manifest))
-        _write_atomic(root / LATEST, folder.name + "\n")
+        write_text_atomic(folder / MANIFEST, json.dumps(manifest))
+        write_text_atomic(root / LATEST, folder.name + "\n")
         for old in root.glob("step-*"):
             if old.is_dir() and old.name != folder.name:
                 shutil.rmtree(old, ignore_errors=True)
         if preempted:
-            _write_atomic(root / PREEMPTED, f"{engine.step}\n")
+            write_text_atomic(root / PREEMPTED, f"{engine.step}\n")
     dist.barrier()
     return folder

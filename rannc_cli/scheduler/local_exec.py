@@ -11,20 +11,18 @@ rannc-exitcode when the script did not.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from rannc_cli.fileio import write_text_atomic
 from rannc_cli.scheduler.backend import CANCELLED_BY_USER, EXITCODE
 
 
 def _write_exit(phase_dir: Path, code: int) -> None:
-    tmp = phase_dir / f".{EXITCODE}.{os.getpid()}"
-    tmp.write_text(f"{code}\n")
-    os.replace(tmp, phase_dir / EXITCODE)
+    write_text_atomic(phase_dir / EXITCODE, f"{code}\n")
 
 
 def _wait_dependency(dep: Path) -> int:
