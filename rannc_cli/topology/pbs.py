@@ -2,7 +2,7 @@
 
     nodes = parse_pbsnodes_json(text)    # pbsnodes -a -F json (PBS Pro 13+ / OpenPBS)
     nodes = parse_pbsnodes_text(text)    # pbsnodes -a (PBS Pro and Torque layouts)
-    found = discover(LocalRunner())      # PbsFacts(nodes, partitions, allocation, notes)
+    found = discover(LocalRunner())      # SchedulerFacts(nodes, partitions, allocation, notes)
 
 Each node: name, gpus (resources_available.ngpus, Torque ``gpus``), cpus (ncpus, Torque ``np``),
 memory_bytes (resources_available.mem, Torque ``physmem``), state, available, partitions (queues
@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from rannc_cli.errors import RanncError
+from rannc_cli.topology.facts import SchedulerFacts
 from rannc_cli.topology.runner import Runner
 
 PBSNODES_JSON_ARGV = ["pbsnodes", "-a", "-F", "json"]
@@ -163,15 +163,7 @@ def parse_nodefile(text: str) -> list[str]:
     return seen
 
 
-@dataclass
-class PbsFacts:
-    nodes: list[dict[str, Any]]
-    partitions: list[dict[str, Any]]
-    allocation: list[str] | None = None
-    notes: list[str] = field(default_factory=list)
-
-
-def discover(runner: Runner, queue: str | None = None) -> PbsFacts:
+def discover(runner: Runner, queue: str | None = None) -> SchedulerFacts:
     """Run pbsnodes (JSON form first) through ``runner``; the allocation from PBS_NODEFILE."""
     notes: list[str] = []
     res = runner.run(PBSNODES_JSON_ARGV)
@@ -204,4 +196,4 @@ def discover(runner: Runner, queue: str | None = None) -> PbsFacts:
             notes.append(f"PBS_NODEFILE {nodefile} unreadable ({exc.strerror})")
     if not nodes:
         raise RanncError(f"PBS on {runner.host} reports no nodes")
-    return PbsFacts(nodes=nodes, partitions=list(queues.values()), allocation=allocation, notes=notes)
+    return SchedulerFacts(nodes=nodes, partitions=list(queues.values()), allocation=allocation, notes=notes)

@@ -2,7 +2,7 @@
 
     nodes = parse_scontrol_nodes(text)          # [{"name": "n1", "gpus": 4, "gpu_types": {"a100": 4}, ...}]
     parts = parse_sinfo_partitions(text)        # [{"name": "gpu", "default": True, "nodes": [...], ...}]
-    found = discover(LocalRunner())             # SlurmFacts(nodes, partitions, allocation, notes)
+    found = discover(LocalRunner())             # SchedulerFacts(nodes, partitions, allocation, notes)
 
 Parsers take the commands' text, so they are tested against recorded outputs of several Slurm
 versions and sites; ``discover`` runs the commands through a Runner (here or over SSH).
@@ -11,11 +11,11 @@ versions and sites; ``discover`` runs the commands through a Runner (here or ove
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from typing import Any
 
 from rannc_cli.errors import RanncError
 from rannc_cli.topology import hostlist
+from rannc_cli.topology.facts import SchedulerFacts
 from rannc_cli.topology.runner import Runner
 
 SCONTROL_NODES_ARGV = ["scontrol", "show", "node", "-o"]
@@ -156,15 +156,7 @@ def parse_sinfo_partitions(text: str) -> list[dict[str, Any]]:
     return list(parts.values())
 
 
-@dataclass
-class SlurmFacts:
-    nodes: list[dict[str, Any]]
-    partitions: list[dict[str, Any]]
-    allocation: list[str] | None = None
-    notes: list[str] = field(default_factory=list)
-
-
-def discover(runner: Runner, partition: str | None = None) -> SlurmFacts:
+def discover(runner: Runner, partition: str | None = None) -> SchedulerFacts:
     """Run scontrol and sinfo through ``runner``; nodes of ``partition`` only, when given."""
     res = runner.run(SCONTROL_NODES_ARGV)
     if res.rc != 0:
@@ -200,4 +192,4 @@ def discover(runner: Runner, partition: str | None = None) -> SlurmFacts:
             notes.append(f"allocation nodes not reported by scontrol: {hostlist.compress(missing)}")
     if not nodes:
         raise RanncError(f"Slurm on {runner.host} reports no nodes" + (f" in partition {partition!r}" if partition else ""))
-    return SlurmFacts(nodes=nodes, partitions=partitions, allocation=allocation, notes=notes)
+    return SchedulerFacts(nodes=nodes, partitions=partitions, allocation=allocation, notes=notes)
