@@ -204,7 +204,7 @@ def infeasible(cm: CostModel, bounds: list[int], space: SearchSpace, forced: boo
 def smallest_nodes(cm: CostModel, bounds: list[int], space: SearchSpace, start: int, tries: int = 4,
                    max_devices: int = 512) -> int | None:
     """First node count from ``start`` on where a real search finds a plan (None if too large to check)."""
-    from rannc_cli.planner.search import _Tables, unit_ranges
+    from rannc_cli.planner.search import feasible
 
     cl = cm.cluster
     for nodes in range(max(start, cl.nodes + 1), max(start, cl.nodes + 1) + tries):
@@ -213,10 +213,6 @@ def smallest_nodes(cm: CostModel, bounds: list[int], space: SearchSpace, start: 
         sub = CostModel(cm.profile, cl.with_nodes(nodes), cm.batch_size, cm.margin, cm.opt_factor)
         sp = SearchSpace.build(sub, schedules=space.schedules, microbatches=space.microbatches, stages=space.stages,
                                replicas=space.forced_replicas)
-        ranges = unit_ranges(sub, bounds)
-        for sched in sp.schedules:
-            for m in sorted(sp.microbatches, reverse=True):
-                t = _Tables(sub, bounds, sp, sched, m, ranges)
-                if t.R and t.dp(t.UT) is not None:
-                    return nodes
+        if feasible(sub, bounds, sp):
+            return nodes
     return None

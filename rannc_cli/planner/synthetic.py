@@ -170,15 +170,20 @@ def _resnet_blocks(width: int, depths: tuple[int, ...], image: int = 224, first_
     return out_blocks, c, hw
 
 
-def resnet_profile(width: int = 8, depths: tuple[int, ...] = (3, 8, 36, 3), image: int = 224, classes: int = 1000,
-                   batch_size: int = 256, device: str = "V100-16GB") -> Profile:
-    """Wide ResNet (bottleneck) class: big activations and small parameters early, the reverse late."""
-    stem_c = 64
-    stem = LayerSpec(name="stem", module_type="Stem", signature=f"stem-{image}",
+def _stem(image: int, stem_c: int) -> LayerSpec:
+    """7x7 stride-2 convolution + pooling on ``image`` x ``image`` RGB inputs (shared by ResNet and the hybrid)."""
+    return LayerSpec(name="stem", module_type="Stem", signature=f"stem-{image}",
                      params=[("conv1.weight", 4 * 3 * 49 * stem_c, True)],
                      flops=2 * (image // 2) ** 2 * 3 * 49 * stem_c, traffic=2 * (image // 2) ** 2 * stem_c * 4,
                      activation=2 * (image // 2) ** 2 * stem_c * 3, peak=2 * (image // 2) ** 2 * stem_c * 2,
                      output=2 * (image // 4) ** 2 * stem_c, ops=6, extra_inputs=["images"])
+
+
+def resnet_profile(width: int = 8, depths: tuple[int, ...] = (3, 8, 36, 3), image: int = 224, classes: int = 1000,
+                   batch_size: int = 256, device: str = "V100-16GB") -> Profile:
+    """Wide ResNet (bottleneck) class: big activations and small parameters early, the reverse late."""
+    stem_c = 64
+    stem = _stem(image, stem_c)
     blocks, c, _ = _resnet_blocks(width, depths, image, stem_c)
     head = LayerSpec(name="fc", module_type="Head", signature=f"fc-{c}-{classes}",
                      params=[("fc.weight", 4 * (c * classes + classes), True)], flops=2 * c * classes, traffic=2 * c * 4,
@@ -191,11 +196,7 @@ def hybrid_profile(cnn_width: int = 4, cnn_depths: tuple[int, ...] = (3, 4, 6), 
                    image: int = 224, classes: int = 1000, batch_size: int = 256, device: str = "V100-16GB") -> Profile:
     """CNN stem (wide bottleneck stages at high resolution) feeding a Transformer over the feature map's patches."""
     stem_c = 64
-    stem = LayerSpec(name="stem", module_type="Stem", signature=f"stem-{image}",
-                     params=[("conv1.weight", 4 * 3 * 49 * stem_c, True)],
-                     flops=2 * (image // 2) ** 2 * 3 * 49 * stem_c, traffic=2 * (image // 2) ** 2 * stem_c * 4,
-                     activation=2 * (image // 2) ** 2 * stem_c * 3, peak=2 * (image // 2) ** 2 * stem_c * 2,
-                     output=2 * (image // 4) ** 2 * stem_c, ops=6, extra_inputs=["images"])
+    stem = _stem(image, stem_c)
     convs, c, hw = _resnet_blocks(cnn_width, cnn_depths, image, stem_c, prefix="cnn")
     s, h = hw * hw, hidden
     proj = LayerSpec(name="patch_proj", module_type="Linear", signature=f"proj-{c}-{h}-{s}",
