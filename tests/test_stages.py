@@ -138,3 +138,35 @@ def test_stage_modules_run_other_microbatch_sizes():
     torch.manual_seed(1)
     want = model(*half[0], **half[1])
     assert torch.equal(got, want)
+
+
+def _uses_device_constants(gm) -> list:
+    return [n for n in gm.graph.nodes if any(isinstance(a, torch.device) and a.type == "cpu"
+                                             for a in [*n.args, *n.kwargs.values()])]
+
+
+def test_place_retargets_the_graphs_device_constants():
+    """The Transformer LM builds positions with torch.arange(n, device=tokens.device): captured on the
+    CPU, that constant must follow the stage to its device (meta stands in for a GPU here)."""
+    model, (args, kwargs) = ZOO["example_transformer"]()
+    bg = build_blocks(capture(model, args, kwargs))
+    stages = build_stages(bg, [0] * len(bg.blocks))
+    assert _uses_device_constants(stages[0].graph_module), "the example should record a device constant"
+    stages[0].place("meta")
+    assert not _uses_device_constants(stages[0].graph_module)
+    meta_inputs = [torch.empty_like(bg.captured.flatten_inputs(args, kwargs)[n], device="meta")
+                   for n in stages[0].input_names]
+    (loss,) = stages[0](*meta_inputs)
+    assert loss.device.type == "meta"
+
+
+def test_graph_hash_does_not_depend_on_the_capture_device():
+    """A profile captured on a GPU and the runtime's CPU capture must name the same graph."""
+    from rannc_cli.graph.blocks import graph_hash
+
+    model, (args, kwargs) = ZOO["example_transformer"]()
+    on_cpu = graph_hash(build_blocks(capture(model, args, kwargs)))
+    meta_args, meta_kwargs = torch.utils._pytree.tree_map(
+        lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, (args, kwargs))
+    on_meta = graph_hash(build_blocks(capture(model.to("meta"), meta_args, meta_kwargs)))
+    assert on_cpu == on_meta

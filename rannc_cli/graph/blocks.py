@@ -310,6 +310,8 @@ def _classify(captured: CapturedModel, blocks: list[Block], requires_grad: set[s
                 return tuple(sorted((k, canon(v)) for k, v in a.items()))
             if isinstance(a, torch.SymInt):
                 return ("sym", str(a.node.expr.subs(sym, _B)) if sym is not None else str(a))
+            if isinstance(a, torch.device):
+                return "device"  # the capture device: a CUDA profile and a CPU runtime capture must agree
             return repr(a)
 
         parts = [("inputs", tuple((_shape_text(graph_nodes[v].meta.get("val"), sym), v in requires_grad)

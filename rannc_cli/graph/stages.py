@@ -51,6 +51,29 @@ class StageModule(nn.Module):
                     getattr(module, attr).copy_(value)
         return outputs
 
+    def place(self, device: torch.device | str) -> "StageModule":
+        """Move the stage to ``device``, device constants of the graph included.
+
+        The model is captured on the CPU, so factory calls such as ``torch.arange(n, device=x.device)``
+        were recorded with ``device=cpu``; on a GPU rank they must make their tensors there."""
+        device = torch.device(device)
+        self.graph_module.to(device)
+        if device.type == "cpu":
+            return self
+
+        def retarget(a: Any) -> Any:
+            if isinstance(a, torch.device) and a.type == "cpu":
+                return device
+            if isinstance(a, (list, tuple)):
+                return type(a)(retarget(x) for x in a)
+            return a
+
+        for node in self.graph_module.graph.nodes:
+            node.args = retarget(node.args)
+            node.kwargs = {k: retarget(v) for k, v in node.kwargs.items()}
+        self.graph_module.recompile()
+        return self
+
     def extra_repr(self) -> str:
         return f"index={self.index}, blocks={self.blocks}, inputs={self.input_names}, outputs={self.output_names}"
 

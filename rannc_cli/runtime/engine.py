@@ -185,19 +185,41 @@ class Engine:
                                   "when each rank loads its own share")
 
     @contextlib.contextmanager
-    def _full_shapes(self) -> Iterator[None]:
-        """Give freed parameters their shapes back (untouched memory) while the model is captured."""
-        for p, shape in self.freed.values():
-            p.data = torch.empty(shape, dtype=p.dtype)
+    def _capture_view(self) -> Iterator[None]:
+        """The whole model on the CPU while it is captured or profiled on rank 0.
+
+        Freed parameters get their shapes back and tensors this rank moved to its GPU are shadowed,
+        both by untouched CPU memory (capture reads shapes, not values): one capture device, so the
+        graph is the same on every rank and its device constants are the CPU's (StageModule.place
+        retargets them)."""
+        shadowed: list[tuple[torch.Tensor, torch.Tensor]] = []
+        seen: set[int] = set()
+        for t in [*self.model.parameters(), *self.model.buffers()]:
+            if id(t) in seen:
+                continue
+            seen.add(id(t))
+            if id(t) in self.freed:
+                shadowed.append((t, t.data))
+                t.data = torch.empty(self.freed[id(t)][1], dtype=t.dtype)
+            elif t.device.type not in ("cpu", "meta"):
+                shadowed.append((t, t.data))
+                t.data = torch.empty(t.shape, dtype=t.dtype)
         try:
             yield
         finally:
-            for p, _ in self.freed.values():
-                p.data = torch.empty(0, dtype=p.dtype)
+            for t, data in shadowed:
+                t.data = data
+
+    @staticmethod
+    def _on_cpu(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The batch as the capture sees it (see _capture_view): tensors on the CPU."""
+        return torch.utils._pytree.tree_map(
+            lambda t: t.cpu() if isinstance(t, torch.Tensor) and t.device.type not in ("cpu", "meta") else t,
+            (tuple(args), dict(kwargs)))
 
     def _capture(self, args: tuple, kwargs: dict) -> BlockGraph:
-        with self._full_shapes():
-            return build_blocks(capture(self.model, args, kwargs))
+        with self._capture_view():
+            return build_blocks(capture(self.model, *self._on_cpu(args, kwargs)))
 
     def _mode(self, args: tuple, kwargs: dict) -> Mode:
         training = self.model.training
@@ -224,8 +246,8 @@ class Engine:
             if extra:
                 raise RanncError(f"stage {role[0]} needs parameters in {'train' if training else 'eval'} mode that "
                                  f"it does not hold in the other mode ({extra[0]})", hint="please report this model")
-        if role is not None and self.device.type != "cpu":
-            stages[role[0]].graph_module.to(self.device)
+        if role is not None:
+            stages[role[0]].place(self.device)
         ex = Executor(bg, stages, self.layout, self.rank, self.device, self.plan.schedule, self.plan.microbatches,
                       [st.checkpoint for st in self.plan.stages], self.loss_reduction, self.rng_base)
         self.modes[training] = Mode(bg, stages, ex)
@@ -248,9 +270,9 @@ class Engine:
                 auto[1]["local_world_size"] == self.env.local_world_size
             if same_shape and c.plan is None:
                 c.plan = auto[0] / "plan.yaml"  # no plan given: keep the checkpoint's
-        with self._full_shapes():
-            self.plan, self.rng_base = obtain_plan(self.model, args, kwargs, len(bg.blocks), batch_size, self.env,
-                                                   self.device, c, estimate=bool(self.deferred))
+        with self._capture_view():
+            self.plan, self.rng_base = obtain_plan(self.model, *self._on_cpu(args, kwargs), len(bg.blocks), batch_size,
+                                                   self.env, self.device, c, estimate=bool(self.deferred))
         self.layout = Layout.from_plan(self.plan, self.world, self.env.local_world_size)
         if self.rank == 0 and not self.constraints.quiet:
             parts = " | ".join(f"{st.start}-{st.end - 1} x{st.replicas}{' ckpt' if st.checkpoint else ''}"
