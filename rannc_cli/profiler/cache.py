@@ -5,7 +5,7 @@
     store(profile)                # under $RANNC_CACHE_DIR/profiles/<key>.yaml
 
 A cached profile is returned only when its recorded key equals the requested key, so another
-graph, input shape, device, mode, size list or torch version never matches.
+graph, input shape, device, mode, size list, torch version or measuring method never matches.
 """
 
 from __future__ import annotations
@@ -19,11 +19,15 @@ from rannc_cli.config import settings
 from rannc_cli.errors import RanncError
 from rannc_cli.profiler.format import FORMAT_VERSION, Profile
 
+# Bump when the measuring or estimating method changes what a profile holds (2: CUDA timing with
+# events behind a GPU sleep instead of synchronised wall time).
+METHOD_VERSION = 2
+
 
 def profile_key(**parts: Any) -> str:
     import torch
 
-    payload = {"format_version": FORMAT_VERSION, "torch": str(torch.__version__), **parts}
+    payload = {"format_version": FORMAT_VERSION, "method": METHOD_VERSION, "torch": str(torch.__version__), **parts}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
