@@ -122,3 +122,29 @@ def test_cluster_from_topology_file(tmp_path):
     assert ClusterSpec.from_topology(path, nodes=2).nodes == 2
     with pytest.raises(RanncError, match="more nodes"):
         ClusterSpec.from_topology(path, nodes=5)
+
+
+def test_simulator_reduces_tied_parameters_over_all_their_holders():
+    """The word embedding (stage 0) is tied to the decoder (last stage): as in the runtime, its
+    gradient is summed over the union of both stages' replicas, the rest within each stage."""
+    from rannc_cli.planner.plan import Plan, StagePlan
+    from rannc_cli.planner.simulate import simulate
+
+    prof, cm = small()
+    n = len(prof.blocks)
+    word = float(prof.parameters["embeddings.word_embeddings.weight"].bytes)
+    assert cm.has_shared_parameters()
+    plan = Plan("1f1b", 2, 16, [StagePlan(0, 3, 2, [(0, 0), (0, 1)]), StagePlan(3, n, 1, [(1, 0)])])
+    sim = simulate(plan, cm)
+    own0 = cm.range_info(0, 3).trainable_bytes - word
+    own1 = cm.range_info(3, n).trainable_bytes - word
+    union = cm.allreduce(word, 3, "inter")  # holders on two nodes
+    assert sim.costs[0].allreduce == pytest.approx(cm.allreduce(own0, 2, "intra") + union, rel=1e-12)
+    assert sim.costs[1].allreduce == pytest.approx(cm.allreduce(own1, 1, "intra") + union, rel=1e-12)
+    assert union > 0 and sim.step_seconds == pytest.approx(sim.pipeline_seconds + sim.costs[0].allreduce, rel=1e-12)
+    # the search's own objective (what DP and exhaustive agree on) still reduces within stages
+    from rannc_cli.planner.plan import stage_costs
+
+    within = stage_costs(plan, cm)
+    assert within[1].allreduce == 0
+    assert sim.objective_seconds == pytest.approx(objective("1f1b", 2, within), rel=1e-12)

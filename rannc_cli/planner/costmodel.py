@@ -133,6 +133,7 @@ class CostModel:
         self.n = len(profile.blocks)
         self._block_arrays: dict[int, tuple[np.ndarray, ...]] = {}
         self._ranges: dict[tuple[int, int], RangeInfo] = {}
+        self._shared: bool | None = None
         self._float_value = {k: (v.is_tensor and any(t in v.dtype for t in _FLOAT_DTYPES))
                              for k, v in profile.values.items()}
 
@@ -225,6 +226,17 @@ class CostModel:
             return plain
         ck = self.stage_cost(start, end, replicas, microbatches, link_in, allreduce, in_flight, True)
         return ck if ck.feasible else plain
+
+    def has_shared_parameters(self) -> bool:
+        """Whether a trainable parameter is used by more than one block (a tied embedding, say)."""
+        if self._shared is None:
+            users: dict[str, int] = {}
+            for b in self.profile.blocks:
+                for name in set(b.params):
+                    users[name] = users.get(name, 0) + 1
+            self._shared = any(n > 1 and self.profile.parameters[name].trainable
+                               and self.profile.parameters[name].kind == "parameter" for name, n in users.items())
+        return self._shared
 
     # ------------------------------------------------------------------ diagnostics
     def min_block_memory(self, block: int) -> float:

@@ -24,7 +24,7 @@ import numpy as np
 
 from rannc_cli.planner.costmodel import CostModel, warmup
 from rannc_cli.planner.placement import devices, link_in, replica_ok
-from rannc_cli.planner.simulate import makespan
+from rannc_cli.planner.simulate import allreduce_times, makespan
 from rannc_cli.planner.search import INF, Candidate, _branch_and_bound, _State, unit_ranges
 
 
@@ -250,13 +250,21 @@ class Refiner:
         S = ch.S
         sched, m = ch.schedule, ch.m
 
+        g = self.cm.cluster.gpus_per_node
+        tied = self.cm.has_shared_parameters()
+
         def step(p: list[int]) -> float:
             fw = [float(ch.FW[s, p[s], p[s + 1]]) for s in range(S)]
             if not all(np.isfinite(fw)):
                 return INF
             bw = [float(ch.BW[s, p[s], p[s + 1]]) for s in range(S)]
             self.simulations += 1
-            return makespan(fw, bw, sched, m) + max(float(ch.AR[s, p[s], p[s + 1]]) for s in range(S))
+            if tied:  # the simulator's all-reduce: shared parameters over the union of their holders
+                ar = allreduce_times(self.cm, [(self.bounds[p[s]], self.bounds[p[s + 1]], st[2], devices(st[3], st[2], g))
+                                               for s, st in enumerate(cand.stages)])
+            else:
+                ar = [float(ch.AR[s, p[s], p[s + 1]]) for s in range(S)]
+            return makespan(fw, bw, sched, m) + max(ar)
 
         best = step(pos)
         if not np.isfinite(best):

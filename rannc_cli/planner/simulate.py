@@ -8,7 +8,10 @@ free and its data is there: F(s, m) after F(s-1, m) (p2p time is part of the rec
 op, see costmodel.py), B(s, m) after B(s+1, m), the last stage's B(m) after its F(m). All replicas
 of a stage work on their shares of a microbatch at once, so a stage is one timeline. Gradient
 all-reduces start together once the pipeline has drained (no overlap with compute), each taking
-its stage's all-reduce time; the step ends when the last one ends.
+its stage's all-reduce time; the step ends when the last one ends. As in the runtime, a parameter
+shared by several stages (a tied embedding and output layer) is reduced over the union of their
+replicas, not within each stage (``allreduce_times``); the search's objective leaves that out, so
+``objective_seconds`` is the search's figure and ``step_seconds`` the simulated one.
 
 Memory per GPU of a stage uses the largest number of microbatches it actually holds at once
 under the schedule (GPipe: M, 1F1B: min(M, S - s)).
@@ -16,9 +19,11 @@ under the schedule (GPipe: M, 1F1B: min(M, S - s)).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Sequence
 
 from rannc_cli.planner.costmodel import CostModel, StageCost, objective
+from rannc_cli.planner.placement import allreduce_link
 from rannc_cli.planner.plan import Plan, stage_costs
 from rannc_cli.planner.schedules import peak_in_flight, stage_ops
 
@@ -122,9 +127,40 @@ def makespan(forward: list[float], backward: list[float], schedule: str, microba
     return max(free) if free else 0.0
 
 
+def allreduce_times(cm: CostModel, stages: Sequence[tuple[int, int, int, Sequence[Sequence[int]]]]) -> list[float]:
+    """Each stage's gradient all-reduce seconds as the runtime runs it, for stages given as
+    (start block, end block, replicas, devices): the parameters only this stage uses over its
+    replicas, then every set of parameters shared with other stages over the union of those
+    stages' replicas (one group per holder set, as runtime/allreduce.py buckets)."""
+    prof = cm.profile
+    users: dict[str, set[int]] = {}
+    for i, (start, end, _r, _devs) in enumerate(stages):
+        for b in range(start, end):
+            for name in prof.blocks[b].params:
+                users.setdefault(name, set()).add(i)
+    shared: dict[frozenset[int], float] = {}
+    for name, holders in users.items():
+        info = prof.parameters[name]
+        if len(holders) > 1 and info.trainable and info.kind == "parameter":
+            shared[frozenset(holders)] = shared.get(frozenset(holders), 0.0) + float(info.bytes)
+    out = []
+    for i, (start, end, replicas, devs) in enumerate(stages):
+        groups = [(h, nbytes) for h, nbytes in shared.items() if i in h]
+        own = float(cm.range_info(start, end).trainable_bytes) - sum(nbytes for _, nbytes in groups)
+        t = cm.allreduce(own, replicas, allreduce_link(devs))
+        for holders, nbytes in groups:
+            union = [d for j in sorted(holders) for d in stages[j][3]]
+            t += cm.allreduce(nbytes, len(union), allreduce_link(union))
+        out.append(t)
+    return out
+
+
 def simulate(plan: Plan, cm: CostModel) -> Simulation:
     """Simulate one training step of ``plan`` under the cost model."""
     costs = stage_costs(plan, cm)
+    searched = objective(plan.schedule, plan.microbatches, costs)
+    costs = [replace(c, allreduce=a) for c, a in zip(costs, allreduce_times(
+        cm, [(st.start, st.end, st.replicas, st.devices) for st in plan.stages]))]
     pipe, events = simulate_times([c.forward for c in costs], [c.backward for c in costs], plan.schedule,
                                   plan.microbatches)
     orders = stage_ops(plan.schedule, len(plan.stages), plan.microbatches)
@@ -138,4 +174,4 @@ def simulate(plan: Plan, cm: CostModel) -> Simulation:
             events.append(Event(i, "AR", -1, pipe, pipe + c.allreduce))
     step = pipe + max((c.allreduce for c in costs), default=0.0)
     busy = [plan.microbatches * (c.forward + c.backward) + c.allreduce for c in costs]
-    return Simulation(step, pipe, objective(plan.schedule, plan.microbatches, costs), costs, memory, held, busy, events)
+    return Simulation(step, pipe, searched, costs, memory, held, busy, events)
