@@ -29,6 +29,8 @@ def test_table_baselines_files(profile_file, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = yaml.safe_load(out.read_text())
     assert data["format"] == "rannc-plan" and data["stages"][0]["blocks"][0] == 0
+    assert data["cluster"]["gpu_model"] == "V100-16GB"  # no topology: the profile's GPU
+    assert "V100-16GB" in res.stdout
 
 
 def test_json_fields_and_forced_parts(profile_file):

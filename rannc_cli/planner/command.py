@@ -25,13 +25,12 @@ def _cluster(profile, nodes: int | None, gpus: int | None, mem_per_gpu: str | No
         return ClusterSpec.from_topology(topology, nodes, gpus, mem_per_gpu)
     if nodes is None or gpus is None:
         raise RanncError("say which cluster to plan for", hint="pass --nodes N --gpus G (and --mem-per-gpu), or --topology FILE")
+    dev = profile.device
+    on_gpu = dev.get("type") == "cuda"
     if mem_per_gpu is None:
-        dev = profile.device
-        if dev.get("type") == "cuda" and int(dev.get("memory_bytes") or 0) > 0:
-            mem_per_gpu = int(dev["memory_bytes"])
-        else:
-            mem_per_gpu = "16GiB"
-    return ClusterSpec.from_flags(nodes, gpus, mem_per_gpu)
+        mem_per_gpu = int(dev["memory_bytes"]) if on_gpu and int(dev.get("memory_bytes") or 0) > 0 else "16GiB"
+    # without a topology the profile's GPU (measured on, or the estimate's spec) is the plan's GPU model
+    return ClusterSpec.from_flags(nodes, gpus, mem_per_gpu, gpu_model=str(dev.get("name") or "") if on_gpu else "")
 
 
 def _parse_replicas(text: str | None) -> list[int] | None:

@@ -132,7 +132,8 @@ def _search_on_rank0(model: Any, args: tuple, kwargs: dict, n_blocks: int, batch
         from rannc_cli.profiler.build import device_description
 
         mem = max(1 << 30, int(device_description(device).get("memory_bytes", 0)) // max(1, env.local_world_size))
-    cluster = ClusterSpec.from_flags(env.nodes, env.local_world_size, mem)
+    cluster = ClusterSpec.from_flags(env.nodes, env.local_world_size, mem,
+                                     gpu_model=torch.cuda.get_device_name(device) if device.type == "cuda" else "")
     report = make_plan(profile, cluster, batch_size=batch_size, stages=c.stages, replicas=c.replicas,
                        microbatches=c.microbatches, schedule=c.schedule, with_baselines=False)
     return report.plan
