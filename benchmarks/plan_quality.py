@@ -26,6 +26,7 @@ MODELS = {
     "BERT-class L48 H2048 (2.5B)": lambda: bert_profile(layers=48, hidden=2048, batch_size=512),
     "ResNet-152 x8 filters": lambda: resnet_profile(width=8, depths=(3, 8, 36, 3), batch_size=512),
     "CNN(x4)+Transformer L24 H2048": lambda: hybrid_profile(cnn_width=4, layers=24, hidden=2048, batch_size=512),
+    "CNN(x8)+Transformer L24 H2048": lambda: hybrid_profile(cnn_width=8, layers=24, hidden=2048, batch_size=512),
 }
 CLUSTERS = [(1, 8), (4, 8), (16, 8)]
 

@@ -239,7 +239,7 @@ class _Tables:
                     sel[0] = cost_e[0, 0][None, :]
                     cand = op(Fe[:, d_at, 1:], sel)
                     a_best = cand.argmin(0)
-                    v_best = cand.min(0)  # (nd, J)
+                    v_best = np.take_along_axis(cand, a_best[None], 0)[0]  # (nd, J); one pass, not argmin + min
                     self._update(F, ch, e, d_at + r, v_best, a_best, d_at, ri, d_at)
                 if skip_nodes.size and e > 1:
                     base = Fe[1:, : nodes * G].reshape(e - 1, nodes, G, J + 1)[:, skip_nodes, 1:, 1:]  # (e-1, k, G-1, J)
@@ -248,7 +248,7 @@ class _Tables:
                         k = len(skip_nodes)
                         flat = cand.transpose(1, 3, 0, 2).reshape(k, J, (e - 1) * (G - 1))
                         idx = flat.argmin(-1)
-                        v_best = flat.min(-1)  # (k, J)
+                        v_best = np.take_along_axis(flat, idx[..., None], -1)[..., 0]  # (k, J)
                         a_best = idx // (G - 1) + 1
                         d_prev = skip_nodes[:, None] * G + idx % (G - 1) + 1
                         start = (skip_nodes + 1) * G
