@@ -112,3 +112,76 @@ def test_engine_on_cuda_equals_plain_cuda_training(model_name, batch_device):
     bad, worst = rc.compare(ref, got, rtol=1e-4, atol=1e-5)
     assert not bad, f"{bad[:5]} (largest difference {worst:.3g})"
     print(f"{model_name} (batch on {batch_device}): losses {got['losses']}, largest difference {worst:.3g}")
+
+
+POSITIONS_SCRIPT = """
+import torch
+from torch import nn
+from rannc_cli import RaNNCModule
+
+
+class Positions(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(100, 32), nn.Embedding(16, 32)
+        self.body = nn.Sequential(*[nn.Sequential(nn.Linear(32, 32), nn.Tanh()) for _ in range(4)])
+        self.head = nn.Linear(32, 100)
+
+    def forward(self, tokens, targets):
+        positions = torch.arange(tokens.shape[1], device=tokens.device)  # recorded with the capture's device
+        h = self.body(self.tok(tokens) + self.pos(positions))
+        return nn.functional.cross_entropy(self.head(h).flatten(0, 1), targets.flatten())
+
+
+def batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 100, (8, 16), generator=g), torch.randint(0, 100, (8, 16), generator=g)
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    model = RaNNCModule(Positions())
+    model(*batch()).backward()
+"""
+
+
+def test_plan_from_a_cuda_profile_runs_on_the_engine(tmp_path):
+    """`rannc profile --device cuda` captures on the GPU, recording torch.arange(..., device=cuda);
+    the engine captures on the CPU. The plan's graph hash must still match, and the stage must make
+    its positions on the GPU."""
+    import importlib.util
+
+    import torch.distributed as dist
+
+    import runtime_cases as rc
+    from rannc_cli import RaNNCModule
+    from rannc_cli.runtime.env import DistEnv
+    from rannc_cli.runtime.launcher import free_port
+
+    script, profile, plan = tmp_path / "positions.py", tmp_path / "prof.yaml", tmp_path / "plan.yaml"
+    script.write_text(POSITIONS_SCRIPT)
+    res = run_cli("profile", "--device", "cuda", "--no-cache", "--out", str(profile), str(script))
+    assert res.returncode == 0, res.stderr
+    res = run_cli("plan", "--profile", str(profile), "--nodes", "1", "--gpus", "1", "--microbatches", "2",
+                  "--out", str(plan))
+    assert res.returncode == 0, res.stderr
+
+    spec = importlib.util.spec_from_file_location("positions_script", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    torch.manual_seed(0)
+    model = mod.Positions()
+    reference = copy.deepcopy(model).cuda()
+    batch = (tuple(t.cuda() for t in mod.batch()), {})
+    case = {"steps": 3}
+    ref_losses = rc._train(case, reference, reference, torch.optim.SGD(reference.parameters(), lr=0.05), batch)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    wrapped = RaNNCModule(model, opt, plan=str(plan), quiet=True)
+    wrapped._env = DistEnv(0, 1, 0, 1, "127.0.0.1", free_port(), "torchrun")  # a world of one, through the engine
+    try:
+        losses = rc._train(case, model, wrapped, opt, batch)
+        assert wrapped._engine.plan.microbatches == 2 and wrapped._engine.plan.graph_hash
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert torch.allclose(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-4, atol=1e-5), (losses, ref_losses)
