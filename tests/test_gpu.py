@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 
@@ -21,6 +22,24 @@ import torch
 from conftest import ROOT, run_cli
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@contextlib.contextmanager
+def world_of_one(wrapped):
+    """Run a RaNNCModule through its engine as a world of one (NCCL), then leave the process group."""
+    import torch.distributed as dist
+
+    from rannc_cli.runtime.env import DistEnv
+    from rannc_cli.runtime.launcher import free_port
+
+    wrapped._env = DistEnv(0, 1, 0, 1, "127.0.0.1", free_port(), "torchrun")
+    try:
+        yield wrapped
+        assert wrapped._engine is not None and wrapped._engine.device.type == "cuda"
+        assert dist.get_backend() == "nccl"
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def test_nvml_probe_matches_cuda():
@@ -77,12 +96,8 @@ def test_engine_on_cuda_equals_plain_cuda_training(model_name, batch_device):
     """The model stays where the user built it (on the CPU: too big for one GPU); the batch is on the
     GPU or the CPU. Losses, final parameters and the no_grad / eval losses (a second capture, after
     the stage moved to the GPU) must match plain training on the GPU."""
-    import torch.distributed as dist
-
     import runtime_cases as rc
     from rannc_cli import RaNNCModule
-    from rannc_cli.runtime.env import DistEnv
-    from rannc_cli.runtime.launcher import free_port
 
     case = {"id": model_name, "model": model_name, "steps": 4}
     ref_model, batch = rc.build(case)
@@ -96,18 +111,11 @@ def test_engine_on_cuda_equals_plain_cuda_training(model_name, batch_device):
            **rc._evaluate(ref_model, ref_model, cuda_batch)}
 
     opt = rc.make_optimizer(case, dist_model.parameters())
-    wrapped = RaNNCModule(dist_model, opt, plan={"replicas": [1], "microbatches": 4}, quiet=True)
-    wrapped._env = DistEnv(0, 1, 0, 1, "127.0.0.1", free_port(), "torchrun")  # a world of one, through the engine
-    try:
+    with world_of_one(RaNNCModule(dist_model, opt, plan={"replicas": [1], "microbatches": 4}, quiet=True)) as wrapped:
         got = {"losses": rc._train(case, dist_model, wrapped, opt, run_batch),
                **rc._evaluate(wrapped, wrapped, run_batch)}
-        assert wrapped._engine is not None and wrapped._engine.device.type == "cuda"
-        assert dist.get_backend() == "nccl"
         assert all(p.is_cuda for p in dist_model.parameters())
         got["state"] = {k: v.detach().cpu() for k, v in wrapped.state_dict().items()}
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
     ref["state"] = {k: v.detach().cpu() for k, v in ref_model.state_dict().items()}
     bad, worst = rc.compare(ref, got, rtol=1e-4, atol=1e-5)
     assert not bad, f"{bad[:5]} (largest difference {worst:.3g})"
@@ -151,12 +159,8 @@ def test_plan_from_a_cuda_profile_runs_on_the_engine(tmp_path):
     its positions on the GPU."""
     import importlib.util
 
-    import torch.distributed as dist
-
     import runtime_cases as rc
     from rannc_cli import RaNNCModule
-    from rannc_cli.runtime.env import DistEnv
-    from rannc_cli.runtime.launcher import free_port
 
     script, profile, plan = tmp_path / "positions.py", tmp_path / "prof.yaml", tmp_path / "plan.yaml"
     script.write_text(POSITIONS_SCRIPT)
@@ -176,12 +180,7 @@ def test_plan_from_a_cuda_profile_runs_on_the_engine(tmp_path):
     case = {"steps": 3}
     ref_losses = rc._train(case, reference, reference, torch.optim.SGD(reference.parameters(), lr=0.05), batch)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    wrapped = RaNNCModule(model, opt, plan=str(plan), quiet=True)
-    wrapped._env = DistEnv(0, 1, 0, 1, "127.0.0.1", free_port(), "torchrun")  # a world of one, through the engine
-    try:
+    with world_of_one(RaNNCModule(model, opt, plan=str(plan), quiet=True)) as wrapped:
         losses = rc._train(case, model, wrapped, opt, batch)
         assert wrapped._engine.plan.microbatches == 2 and wrapped._engine.plan.graph_hash
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
     assert torch.allclose(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-4, atol=1e-5), (losses, ref_losses)
