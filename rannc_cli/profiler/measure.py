@@ -161,7 +161,8 @@ def measure_block(stage: torch.nn.Module, inputs: Sequence[Any], microbatch: int
     and warm-up stops once a single run takes half the budget: big blocks need few samples.
     """
     run = BlockRun(stage, inputs)
-    sync = _synchronizer(_device_of(run))
+    device = _device_of(run)
+    sync = _synchronizer(device)
     warm = 0.0
     for _ in range(max(0, warmup)):
         t0 = time.perf_counter()
@@ -172,7 +173,7 @@ def measure_block(stage: torch.nn.Module, inputs: Sequence[Any], microbatch: int
         warm = time.perf_counter() - t0
         if warm > budget_seconds / 2:
             break
-    if _device_of(run).type == "cuda":
+    if device.type == "cuda":
         fwd, bwd = _cuda_times(run, repeats, budget_seconds, warm)
     else:
         fwd, bwd = _wall_times(run, repeats, budget_seconds)
