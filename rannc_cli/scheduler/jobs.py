@@ -35,10 +35,6 @@ def open_for(rec: JobRecord):
 
 
 def backend_for(rec: JobRecord, transport) -> Backend:
-    if rec.backend == "local":
-        from rannc_cli.scheduler.local import LocalBackend
-
-        return LocalBackend(transport)
     return get_backend(rec.backend, transport)
 
 
