@@ -37,10 +37,16 @@ CANCELLED_BY_USER = "rannc-cancelled"
 
 @dataclass
 class PhaseState:
+    """A phase's normalised state; ``reason`` is the scheduler's own words (pending reason, comment).
+
+    ``never`` is True when the scheduler says a pending job can never start as asked (Slurm
+    PartitionConfig, PBS "Can Never Run", Grid Engine "cannot run in any queue"): waiting is pointless."""
+
     state: str
     exit_code: int | None = None
     reason: str | None = None
     restarts: int = 0
+    never: bool = False
 
 
 class Backend(ABC):

@@ -27,6 +27,17 @@ SLURM_STATES = {
 }
 
 
+# squeue %r reasons that no amount of waiting changes (Slurm's "Job Reason Codes"); ReqNodeNotAvail
+# lists the down/drained nodes a job asked for by name.
+NEVER_REASONS = ("PartitionConfig", "BadConstraints", "ReqNodeNotAvail", "PartitionNodeLimit",
+                 "PartitionTimeLimit", "InvalidAccount", "InvalidQOS", "QOSMaxGRESPerJob", "AssocMaxJobsLimit")
+
+
+def never_starts(reason: str) -> bool:
+    """True for a pending reason that means the job can never start as submitted."""
+    return any(reason.startswith(r) for r in NEVER_REASONS)
+
+
 def parse_sbatch(stdout: str) -> str:
     """``sbatch --parsable`` prints ``ID`` or ``ID;cluster``."""
     line = stdout.strip().splitlines()[-1] if stdout.strip() else ""
@@ -107,7 +118,8 @@ class SlurmBackend(Backend):
             return PhaseState(state, code, reason=None if reason in ("None", "") else reason, restarts=restarts)
         if state == "PENDING" and reason == "DependencyNeverSatisfied":
             return PhaseState("CANCELLED", reason="its dependency failed", restarts=restarts)
-        return PhaseState(state, reason=None if reason in ("None", "") else reason, restarts=restarts)
+        return PhaseState(state, reason=None if reason in ("None", "") else reason, restarts=restarts,
+                          never=state == "PENDING" and never_starts(reason))
 
     def cancel(self, job_id: str) -> None:
         self.run_checked(["scancel", job_id], "scancel")
