@@ -82,9 +82,13 @@ def _env(cluster, tmp_path) -> dict:
 
 @pytest.mark.slurm
 def test_pbs_submit_through_wrappers_two_nodes(pbs_wrappers, tmp_path, mlp_profile):
-    """qsub (select=2:...:mpiprocs=2 as options), mpiexec on 2 nodes, qstat until done, per-rank logs."""
+    """qsub (select=2:...:mpiprocs=2 as options), the site's MPI launcher (`submit: mpi: mpiexec`: the wrappers'
+    mpiexec, which starts the ranks through srun) on 2 nodes, qstat until done, per-rank logs."""
     env = _env(pbs_wrappers, tmp_path)
-    res = run_cli("submit", str(SCRIPTS / "ckpt_train.py"), "--scheduler", "pbs", "--queue", "gpu", "--nodes", "2",
+    site = tmp_path / "pbs-with-mpi.yaml"
+    site.write_text("name: pbs-with-mpi\nscheduler: pbs\nnode_groups: [{name: g, count: 2, gpus: 4}]\n"
+                    "submit:\n  mpi: mpiexec\n")
+    res = run_cli("submit", str(SCRIPTS / "ckpt_train.py"), "--site", str(site), "--queue", "gpu", "--nodes", "2",
                   "--gpus", "2", "--time", "10:00", "--account", "grp1", "--profile", str(mlp_profile),
                   "--env", "RANNC_MASTER_ADDR=127.0.0.1", "--wait", "--", "--steps", "4", "--delay", "0.05",
                   cwd=tmp_path, env=env, timeout=180)
@@ -95,7 +99,8 @@ def test_pbs_submit_through_wrappers_two_nodes(pbs_wrappers, tmp_path, mlp_profi
     for r in range(4):
         text = (folder / "train" / f"rank-{r}.log").read_text()
         assert f"rank {r} of 4" in text and "done" in text
-    assert "#PBS -l select=2:ncpus=2:ngpus=2:mpiprocs=2" in (folder / "train.sh").read_text()
+    train = (folder / "train.sh").read_text()
+    assert "#PBS -l select=2:ncpus=2:ngpus=2:mpiprocs=2" in train and "\nmpiexec -n 4 bash" in train
 
 
 @pytest.mark.slurm

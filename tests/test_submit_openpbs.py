@@ -71,7 +71,7 @@ def test_mlp_two_ranks_complete_with_the_losses_of_one_process(openpbs_server, t
     tid = str(rec["phases"]["train"]["scheduler_id"])
     hist = _history(openpbs_server, tid)
     assert hist["job_state"] == "F" and hist["Exit_status"] == 0
-    assert hist["depend"].startswith(f"afterok:{rec['phases']['profile']['scheduler_id']}")
+    assert f"depend=afterok:{rec['phases']['profile']['scheduler_id']}" in hist["Submit_arguments"]
     assert hist["Resource_List"]["ngpus"] == 2 and hist["exec_vnode"] == f"({openpbs_server.node}:ncpus=2:ngpus=2)"
 
     ref = subprocess.run([sys.executable, str(ROOT / "examples" / "mlp.py"), *MLP_ARGS], cwd=tmp_path,
@@ -154,10 +154,10 @@ def test_walltime_warning_checkpoints_and_the_rerun_resumes(openpbs_server, tmp_
 
 
 def test_mlp_rerun_after_checkpoint_equals_an_uninterrupted_run(openpbs_server, tmp_path, mlp_profile):
-    """The real runtime: `qsig -s USR1` (what PBS preemption hooks send; it reaches every process of the job)
-    -> every rank checkpoints at a step boundary and exits 0 -> qrerun -> the rerun keeps the plan and
-    its losses equal an uninterrupted run's, number by number."""
-    steps = 2500
+    """The real runtime: SIGUSR1 to the job script (what its own walltime warning sends) -> every rank
+    checkpoints at a step boundary and exits 0 -> qrerun -> the rerun keeps the plan and its losses equal
+    an uninterrupted run's, number by number."""
+    steps = 300
     args = [*MLP_ARGS[2:], "--steps", str(steps)]
     env = _env(openpbs_server, tmp_path, OMP_NUM_THREADS="1")
     res = run_cli("submit", str(ROOT / "examples" / "mlp.py"), "--scheduler", "pbs", "--nodes", "1", "--gpus", "2",
@@ -168,8 +168,10 @@ def test_mlp_rerun_after_checkpoint_equals_an_uninterrupted_run(openpbs_server, 
     tid = str(rec["phases"]["train"]["scheduler_id"])
     wait_file_text(folder / "train" / "rank-1.log", "step 5 ", 120)
     plan_before = (folder / "plan.yaml").read_text()
-    sig = openpbs_server.run("qsig", "-s", "USR1", tid)
-    assert sig.returncode == 0, sig.stderr
+    # the job script as pbs_mom runs it (PBS_HOME/mom_priv/jobs/<id>.SC; the daemons share this PID namespace)
+    shell = subprocess.run(["pgrep", "-o", "-f", f"mom_priv/jobs/{tid}.SC"], capture_output=True, text=True).stdout.split()
+    assert len(shell) == 1, shell
+    subprocess.run(["kill", "-USR1", shell[0]], check=True)
     wait_file_text(folder / "train" / "rank-0.log", "checkpointed at step", 60)
     status = _wait_status(tmp_path, env, rec["id"], "COMPLETED", 300)
     assert "requeued 1x" in status
