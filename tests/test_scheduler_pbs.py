@@ -1,5 +1,6 @@
-"""PBS backend: parsers of qsub/qstat outputs, state mapping, and qsub/qstat/qdel flows through
-Slurm's PBS-style wrappers (slurm-wlm-torque) on the real Slurm testbed."""
+"""PBS backend: parsers of qsub/qstat outputs (recorded on the real OpenPBS testbed), state mapping, and
+qsub/qstat/qdel flows through Slurm's PBS-style wrappers (slurm-wlm-torque) on the real Slurm testbed.
+End to end on the real OpenPBS server: tests/test_submit_openpbs.py."""
 
 from __future__ import annotations
 
@@ -23,35 +24,40 @@ def read(name: str) -> str:
 
 
 def test_qsub_ids():
-    assert parse_qsub(read("pbspro-2022-qsub.txt")) == "1234.pbs01"
+    assert parse_qsub(read("openpbs-23.06-qsub.txt")) == "19.rannc-pbs"
     assert parse_qsub(read("slurm-wlm-torque-22.05-qsub.txt")).isdigit()
     assert parse_qsub("4321[].pbs01\n") == "4321[].pbs01"
     with pytest.raises(RanncError, match="qsub printed no job id"):
-        parse_qsub(read("pbspro-2022-qsub-rejected.txt"))
+        parse_qsub(read("openpbs-23.06-qsub-rejected.txt"))
 
 
-def test_pbspro_running_with_wrapped_lines():
-    jobs = parse_qstat_full(read("pbspro-2022-qstat-f-running.txt"))
-    attrs = jobs["1234.pbs01"]
-    assert attrs["Output_Path"].endswith("/train/batch.log")          # wrapped value joined back
-    assert attrs["Variable_List"].endswith("PBS_O_HOST=login1.example.org")
-    assert attrs["Resource_List.select"] == "2:ncpus=8:ngpus=4:mpiprocs=4"
+def test_running_job_text_and_json_agree():
+    jobs = parse_qstat_full(read("openpbs-23.06-qstat-f-running.txt"))
+    attrs = jobs["19.rannc-pbs"]
+    assert attrs["Variable_List"].endswith("PBS_O_HOST=rannc-pbs-client")   # wrapped value joined back
+    assert attrs["Resource_List.select"] == "1:ncpus=2:ngpus=2:mpiprocs=2"
     assert job_state(attrs).state == "RUNNING"
+    js = parse_qstat_json(read("openpbs-23.06-qstat-f-json-running.json"))["19.rannc-pbs"]
+    assert js["Resource_List"]["select"] == attrs["Resource_List.select"] and job_state(js).state == "RUNNING"
+    assert js["Variable_List"]["PBS_O_HOST"] == "rannc-pbs-client"
 
 
-def test_pbspro_history():
-    jobs = parse_qstat_full(read("pbspro-2022-qstat-xf-finished.txt"))
-    assert job_state(jobs["1233.pbs01"]).state == "COMPLETED"
-    failed = job_state(jobs["1236.pbs01"])
+def test_history_exit_statuses():
+    jobs = parse_qstat_full(read("openpbs-23.06-qstat-xf-finished.txt"))
+    assert job_state(jobs["20.rannc-pbs"]).state == "COMPLETED"
+    failed = job_state(jobs["21.rannc-pbs"])
     assert (failed.state, failed.exit_code) == ("FAILED", 1)
+    deleted = job_state(jobs["24.rannc-pbs"])             # qdel of a running job: SIGTERM, 256 + 15
+    assert (deleted.state, deleted.exit_code) == ("CANCELLED", 271)
 
 
-def test_openpbs_json_walltime_and_queued():
-    jobs = parse_qstat_json(read("openpbs-22.05-qstat-xf-json-walltime.json"))
-    t = job_state(jobs["1240.pbs01"])
-    assert (t.state, t.exit_code) == ("TIMEOUT", -29)
-    q = job_state(jobs["1241.pbs01"])
-    assert q.state == "PENDING" and "Insufficient" in q.reason
+def test_walltime_and_can_never_run():
+    t = job_state(parse_qstat_json(read("openpbs-23.06-qstat-xf-json-walltime.json"))["22.rannc-pbs"])
+    assert (t.state, t.exit_code) == ("TIMEOUT", -29) and "exceeded resource walltime" in t.reason
+    q = job_state(parse_qstat_json(read("openpbs-23.06-qstat-f-json-never.json"))["27.rannc-pbs"])
+    assert q.state == "PENDING" and q.never
+    assert q.reason == "Can Never Run: Insufficient amount of resource: ngpus (R: 99 A: 4 T: 4)"
+    assert not job_state({"job_state": "Q", "comment": "Not Running: Insufficient amount of resource: ngpus"}).never
 
 
 def test_torque_and_wrapper_layouts():

@@ -157,7 +157,7 @@ def test_mlp_rerun_after_checkpoint_equals_an_uninterrupted_run(openpbs_server, 
     """The real runtime: SIGUSR1 to the job script (what its own walltime warning sends) -> every rank
     checkpoints at a step boundary and exits 0 -> qrerun -> the rerun keeps the plan and its losses equal
     an uninterrupted run's, number by number."""
-    steps = 300
+    steps = 80
     args = [*MLP_ARGS[2:], "--steps", str(steps)]
     env = _env(openpbs_server, tmp_path, OMP_NUM_THREADS="1")
     res = run_cli("submit", str(ROOT / "examples" / "mlp.py"), "--scheduler", "pbs", "--nodes", "1", "--gpus", "2",
