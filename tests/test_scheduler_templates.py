@@ -75,7 +75,7 @@ def test_pbs_pro_syntax():
     assert "#PBS -P gaa50000" in abci and "group_list" not in abci and "#PBS -l USE_SSH=1" in abci
     # qsub gets the same request as options; -l lines merged into one (what Slurm's wrappers need)
     opts = directive_options(text)
-    assert opts[-2:] == ["-l", "select=4:ncpus=2:ngpus=2:mpiprocs=2,walltime=2:00:00"]
+    assert opts[-2:] == ["-l", "select=4:ncpus=2:ngpus=2:mpiprocs=2,place=scatter,walltime=2:00:00"]
     assert ["-N", "bert-train"] == opts[:2]
 
 

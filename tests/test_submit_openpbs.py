@@ -1,7 +1,7 @@
 """`rannc submit --scheduler pbs` end to end on a real OpenPBS 23.06 server (tests/testbed/openpbs.py).
 
 No site MPI here: the ranks start through PBS's own task launch (pbs_tmrsh), as on any PBS site
-whose config names no `submit: mpi:`. The MPI path is covered by golden files and by Slurm's PBS
+whose config names no `submit: mpi:`; two execution hosts (pbs_mom in two network namespaces). The MPI path is covered by golden files and by Slurm's PBS
 wrappers (tests/test_scheduler_pbs.py).
 """
 
@@ -53,33 +53,39 @@ def _wait_status(tmp_path, env, job: str, word: str, timeout: float) -> str:
     raise AssertionError(f"job {job} not {word} after {timeout} s: {out}")
 
 
-def test_mlp_two_ranks_complete_with_the_losses_of_one_process(openpbs_server, tmp_path):
-    """Profile job -> plan at the training job's start -> 2 ranks via pbs_tmrsh -> COMPLETED; every rank's
-    losses equal plain single-process PyTorch's, number by number."""
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_mlp_ranks_complete_with_the_losses_of_one_process(openpbs_server, tmp_path, nodes):
+    """Profile job -> plan at the training job's start -> 2 ranks per node via pbs_tmrsh (on 2 nodes: to the
+    second pbs_mom in its own network namespace, gloo across the bridge) -> COMPLETED; every rank's losses
+    equal plain single-process PyTorch's, number by number."""
     env = _env(openpbs_server, tmp_path)
     t0 = time.monotonic()
-    res = run_cli("submit", str(ROOT / "examples" / "mlp.py"), "--scheduler", "pbs", "--nodes", "1", "--gpus", "2",
-                  "--time", "10:00", "--wait", "--", *MLP_ARGS, cwd=tmp_path, env=env, timeout=400)
+    res = run_cli("submit", str(ROOT / "examples" / "mlp.py"), "--scheduler", "pbs", "--nodes", str(nodes),
+                  "--gpus", "2", "--time", "10:00", "--wait", "--", *MLP_ARGS, cwd=tmp_path, env=env, timeout=400)
     took = time.monotonic() - t0
     assert res.returncode == 0, res.stdout + res.stderr + openpbs_server.logs()
-    print(f"submit-to-COMPLETED on the OpenPBS testbed: {took:.1f} s")
+    print(f"submit-to-COMPLETED on the OpenPBS testbed, {nodes} node(s) x 2: {took:.1f} s")
     folder = job_folder(tmp_path / "logs")
     rec = record(folder)
     assert [rec["phases"][p]["state"] for p in ("profile", "plan", "train")] == ["COMPLETED"] * 3
     train = (folder / "train.sh").read_text()
-    assert "#PBS -l select=1:ncpus=2:ngpus=2:mpiprocs=2" in train and "pbs_tmrsh" in train and "mpiexec" not in train
+    assert f"#PBS -l select={nodes}:ncpus=2:ngpus=2:mpiprocs=2" in train and "pbs_tmrsh" in train
+    assert "mpiexec" not in train and "mpirun" not in train
     tid = str(rec["phases"]["train"]["scheduler_id"])
     hist = _history(openpbs_server, tid)
     assert hist["job_state"] == "F" and hist["Exit_status"] == 0
     assert f"depend=afterok:{rec['phases']['profile']['scheduler_id']}" in hist["Submit_arguments"]
-    assert hist["Resource_List"]["ngpus"] == 2 and hist["exec_vnode"] == f"({openpbs_server.node}:ncpus=2:ngpus=2)"
+    assert hist["Resource_List"]["ngpus"] == 2 * nodes
+    hosts = sorted((folder / "train" / f"rank-{r}.pid").read_text().split()[0] for r in range(2 * nodes))
+    assert len(set(hosts)) == nodes and hosts.count(hosts[0]) == 2, hosts     # 2 ranks on each node
+    assert sorted(c.split(":")[0].strip("(") for c in hist["exec_vnode"].split("+")) == sorted(set(hosts))
 
     ref = subprocess.run([sys.executable, str(ROOT / "examples" / "mlp.py"), *MLP_ARGS], cwd=tmp_path,
                          capture_output=True, text=True, timeout=300)
     assert ref.returncode == 0, ref.stderr[-2000:]
     reference = _step_lines(ref.stdout)
     assert [s for s, _ in reference] == list(range(12))
-    for rank in (0, 1):
+    for rank in range(2 * nodes):
         got = _step_lines((folder / "train" / f"rank-{rank}.log").read_text())
         assert [s for s, _ in got] == list(range(12)), f"rank {rank}: {got}"
         for (step, a), (_, b) in zip(got, reference):

@@ -8,12 +8,13 @@
 
 No Debian package of OpenPBS exists: the install tree is a prebuilt tarball for this machine kind,
 found through ``RANNC_TEST_OPENPBS`` (tests/testbed/fixtures.py). PBS refuses 127.0.0.0/8 as its
-own address, so the daemons run in a network namespace ``rannc-pbs`` made here, reachable over
-a veth pair on private addresses (10.251.0.1 here, 10.251.0.2 there), with their own hostname
-(``rannc-pbs``) and a private mount namespace whose /etc/hosts maps it. Clients stay in this
-namespace and reach the server by address (``PBS_SERVER_HOST_NAME``). No packet leaves the pair.
-Jobs run as root (``acl_roots``, ``flatuid``); node ``rannc-pbs`` offers 8 ncpus and 4 ``ngpus``
-(a consumable resource: nothing checks real devices); job history is on (``qstat -x``).
+own address, so the daemons run in network namespaces made here: ``rannc-pbs`` (server, scheduler,
+comm and the first pbs_mom, 10.251.0.2) and ``rannc-pbs2`` (a second pbs_mom, 10.251.0.3), each
+with its own hostname and a private mount namespace whose /etc/hosts maps the names, joined by a
+bridge that holds this namespace's 10.251.0.1. Clients stay here and reach the server by address
+(``PBS_SERVER_HOST_NAME``). No packet leaves the bridge. Jobs run as root (``acl_roots``,
+``flatuid``); nodes ``rannc-pbs`` and ``rannc-pbs2`` offer 8 ncpus and 4 ``ngpus`` each (a
+consumable resource: nothing checks real devices); job history is on (``qstat -x``).
 """
 
 from __future__ import annotations
@@ -29,10 +30,12 @@ from testbed.common import TestbedUnavailable, wait_for
 
 PBS_EXEC = Path("/opt/pbs")              # the prefix the tarball was built for
 BASE = Path("/var/spool/rannc-openpbs")  # PBS_HOME's datastore is run by user postgres: not under a 0700 tmp dir
-NETNS = "rannc-pbs"
-HOSTNAME = "rannc-pbs"
-HOST_IF, NS_IF = "rpbs0", "rpbs1"
-HOST_ADDR, NS_ADDR = "10.251.0.1", "10.251.0.2"
+BRIDGE, HOST_ADDR = "rpbsbr", "10.251.0.1"
+# (network namespace = hostname, address, host-side veth); the first runs the server
+HOSTS = [("rannc-pbs", "10.251.0.2", "rpbs-a"), ("rannc-pbs2", "10.251.0.3", "rpbs-b")]
+NETNS = HOSTNAME = HOSTS[0][0]
+NS_ADDR = HOSTS[0][1]
+NS_IF = "pbs0"
 NCPUS, NGPUS = 8, 4
 # run-time libraries of the build (the rest come with Debian's base image and postgresql)
 PACKAGES = ["postgresql-15", "libical3", "libhwloc15", "libcjson1", "libedit2", "libpq5", "libpython3.11",
@@ -101,7 +104,8 @@ class OpenPBSServer:
             server.env.pop(var)
         (server.base / "pbs.conf").write_text(_conf(HOSTNAME, server.home, True))
         (server.base / "client.conf").write_text(_conf(HOSTNAME, server.home, False, server_host=NS_ADDR))
-        (server.base / "hosts").write_text(f"127.0.0.1\tlocalhost\n{NS_ADDR}\t{HOSTNAME}\n{HOST_ADDR}\trannc-pbs-client\n")
+        (server.base / "hosts").write_text("127.0.0.1\tlocalhost\n" + "".join(f"{a}\t{n}\n" for n, a, _ in HOSTS)
+                                           + f"{HOST_ADDR}\trannc-pbs-client\n")
         for setuid in ("pbs_iff", "pbs_rcp"):
             os.chmod(PBS_EXEC / "sbin" / setuid, 0o4755)
         try:
@@ -110,8 +114,10 @@ class OpenPBSServer:
                 server._daemons()
             wait_for(server._responding, 30, "pbs_server")
             server._configure()
-            wait_for(lambda: "state = free" in server.run("pbsnodes", HOSTNAME).stdout, 30, f"node {HOSTNAME} free",
-                     interval=0.2)
+            server._second_mom()
+            for name, _, _ in HOSTS:
+                wait_for(lambda: "state = free" in server.run("pbsnodes", name).stdout, 30, f"node {name} free",
+                         interval=0.2)
         except BaseException:
             server.stop()
             raise
@@ -119,18 +125,49 @@ class OpenPBSServer:
 
     # ------------------------------------------------------------------ setup steps
     def _network(self) -> None:
-        """The namespace and its veth pair (kept when a previous session left them)."""
-        if NETNS not in _sh("ip", "netns", "list").stdout.split():
-            _sh("ip", "netns", "add", NETNS)
-        ns = ["ip", "netns", "exec", NETNS]
-        if _sh("ip", "link", "show", HOST_IF, check=False).returncode != 0:
-            _sh("ip", "link", "add", HOST_IF, "type", "veth", "peer", "name", NS_IF)
-            _sh("ip", "link", "set", NS_IF, "netns", NETNS)
-            _sh("ip", "addr", "add", f"{HOST_ADDR}/30", "dev", HOST_IF)
-            _sh(*ns, "ip", "addr", "add", f"{NS_ADDR}/30", "dev", NS_IF)
-        _sh("ip", "link", "set", HOST_IF, "up")
-        _sh(*ns, "ip", "link", "set", NS_IF, "up")
-        _sh(*ns, "ip", "link", "set", "lo", "up")
+        """A bridge here and one namespace per host on it (kept when a previous session left them)."""
+        if _sh("ip", "link", "show", BRIDGE, check=False).returncode != 0:
+            _sh("ip", "link", "add", BRIDGE, "type", "bridge")
+            _sh("ip", "addr", "add", f"{HOST_ADDR}/24", "dev", BRIDGE)
+        _sh("ip", "link", "set", BRIDGE, "up")
+        namespaces = _sh("ip", "netns", "list").stdout.split()
+        for name, addr, host_if in HOSTS:
+            if name not in namespaces:
+                _sh("ip", "netns", "add", name)
+            ns = ["ip", "netns", "exec", name]
+            if _sh("ip", "link", "show", host_if, check=False).returncode != 0:
+                _sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", NS_IF, "netns", name)
+                _sh("ip", "link", "set", host_if, "master", BRIDGE)
+                _sh(*ns, "ip", "addr", "add", f"{addr}/24", "dev", NS_IF)
+            _sh("ip", "link", "set", host_if, "up")
+            _sh(*ns, "ip", "link", "set", NS_IF, "up")
+            _sh(*ns, "ip", "link", "set", "lo", "up")
+
+    def _second_mom(self) -> None:
+        """pbs_mom of node rannc-pbs2: its own namespaces, PBS_HOME (home2) and configuration."""
+        name = HOSTS[1][0]
+        home = self.base / "home2"
+        conf = self.base / "pbs2.conf"
+        conf.write_text(_conf(HOSTNAME, home, False).replace("PBS_START_MOM=0", "PBS_START_MOM=1"))
+        if not (home / "mom_priv").is_dir():
+            for sub, mode in (("aux", 0o755), ("mom_logs", 0o755), ("checkpoint", 0o700), ("mom_priv", 0o751),
+                              ("mom_priv/jobs", 0o751), ("mom_priv/hooks", 0o750), ("mom_priv/hooks/tmp", 0o750),
+                              ("spool", 0o1777), ("undelivered", 0o1777)):
+                (home / sub).mkdir(parents=True, exist_ok=True)
+                os.chmod(home / sub, mode)
+            for f in ("pbs_environment", "pbs_version"):
+                shutil.copy(self.home / f, home / f)
+            shutil.copy(self.home / "mom_priv" / "config", home / "mom_priv" / "config")
+        lock = home / "mom_priv" / "mom.lock"
+        if not (lock.is_file() and Path(f"/proc/{lock.read_text().strip()}").exists()):
+            inner = (f"hostname {name} && mount --bind {self.base}/hosts /etc/hosts && "
+                     f"PBS_CONF_FILE={conf} exec {PBS_EXEC}/sbin/pbs_mom")
+            _sh("nsenter", f"--net=/run/netns/{name}", "unshare", "-m", "-u", "--propagation", "private",
+                "sh", "-c", inner, stdin=subprocess.DEVNULL)
+        if self.manage(f"list node {name}", inside=True, check=False).returncode != 0:
+            self.manage(f"create node {name}", inside=True)
+        self.manage(f"set node {name} resources_available.ncpus = {NCPUS}", inside=True)
+        self.manage(f"set node {name} resources_available.ngpus = {NGPUS}", inside=True)
 
     def _daemons(self) -> None:
         """pbs_init.d start inside the namespace (the first start creates PBS_HOME and the datastore)."""
@@ -226,5 +263,15 @@ class OpenPBSServer:
             subprocess.run(["nsenter", "-t", pid, "-m", "-n", "-u", "--", f"{PBS_EXEC}/libexec/pbs_init.d", "stop"],
                            env={**self.env, "PBS_CONF_FILE": str(self.base / "pbs.conf")}, capture_output=True,
                            timeout=120)
-        subprocess.run(["ip", "link", "del", HOST_IF], capture_output=True)
-        subprocess.run(["ip", "netns", "del", NETNS], capture_output=True)
+        lock2 = self.base / "home2" / "mom_priv" / "mom.lock"
+        pid2 = lock2.read_text().strip() if lock2.is_file() else ""
+        if pid2 and Path(f"/proc/{pid2}").exists():
+            subprocess.run(["kill", pid2], capture_output=True)
+            try:
+                wait_for(lambda: not Path(f"/proc/{pid2}").exists(), 20, "second pbs_mom to stop")
+            except TestbedUnavailable:
+                subprocess.run(["kill", "-9", pid2], capture_output=True)
+        for name, _, host_if in HOSTS:
+            subprocess.run(["ip", "link", "del", host_if], capture_output=True)
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True)

@@ -2,6 +2,7 @@
 #PBS -N bert-train
 #PBS -q rt_HF
 #PBS -l select=4:ncpus=8:ngpus=8:mpiprocs=8
+#PBS -l place=scatter
 #PBS -l walltime=2:00:00
 #PBS -P gaa50000
 #PBS -l USE_SSH=1

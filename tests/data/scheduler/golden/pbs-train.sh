@@ -2,6 +2,7 @@
 #PBS -N bert-train
 #PBS -q h-regular
 #PBS -l select=4:ncpus=2:ngpus=2:mpiprocs=2
+#PBS -l place=scatter
 #PBS -l walltime=2:00:00
 #PBS -W group_list=gk77
 #PBS -r y

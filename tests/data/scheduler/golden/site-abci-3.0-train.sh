@@ -2,6 +2,7 @@
 #PBS -N mlp-train
 #PBS -q rt_HF
 #PBS -l select=2:ncpus=8:ngpus=8:mpiprocs=8
+#PBS -l place=scatter
 #PBS -l walltime=1:00:00
 #PBS -P grp1
 #PBS -r y

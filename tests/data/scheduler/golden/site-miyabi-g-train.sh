@@ -2,6 +2,7 @@
 #PBS -N mlp-train
 #PBS -q regular-g
 #PBS -l select=2:mpiprocs=1
+#PBS -l place=scatter
 #PBS -l walltime=1:00:00
 #PBS -W group_list=grp1
 #PBS -r y
