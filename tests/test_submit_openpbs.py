@@ -219,3 +219,17 @@ def test_a_request_no_node_can_hold_ends_the_wait_with_pbs_comment(openpbs_serve
     status = run_cli("status", record(folder)["id"], cwd=tmp_path, env=env)
     assert "can never start" in status.stdout
     run_cli("cancel", record(folder)["id"], cwd=tmp_path, env=env)
+
+
+def test_precheck_reads_the_real_nodes(openpbs_server, tmp_path):
+    """pbsnodes of the real server: 8 GPUs per node asked, 4 there -> refused before anything is submitted."""
+    env = _env(openpbs_server, tmp_path)
+    before = openpbs_server.run("qselect", "-x").stdout
+    res = run_cli("submit", str(SCRIPTS / "ckpt_train.py"), "--scheduler", "pbs", "--nodes", "1", "--gpus", "8",
+                  cwd=tmp_path, env=env)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "0 available node(s) with >= 8 GPUs, 1 asked (GPUs per node there: 4)" in res.stderr, res.stderr
+    res = run_cli("submit", str(SCRIPTS / "ckpt_train.py"), "--scheduler", "pbs", "--nodes", "3", "--gpus", "2",
+                  cwd=tmp_path, env=env)
+    assert res.returncode != 0 and "2 available node(s) with >= 2 GPUs, 3 asked" in res.stderr, res.stderr
+    assert openpbs_server.run("qselect", "-x").stdout == before
