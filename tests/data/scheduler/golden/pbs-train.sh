@@ -60,8 +60,8 @@ QRERUN="$PBS_BIN/qrerun"
 [ -x "$QRERUN" ] || QRERUN=qrerun
 
 # PBS sends no warning before the walltime (SIGTERM reaches every process of the job at once, then
-# SIGKILL after kill_delay), so the job warns itself 120 s ahead; preemption hooks and
-# `qsig -s USR1` send SIGUSR1. Either way every rank is asked to checkpoint and stop.
+# SIGKILL after kill_delay), so the job warns itself 120 s ahead (SIGUSR1 to this shell,
+# which may also come from outside). Either way every rank is asked to checkpoint and stop.
 RANNC_WARNED=0
 rannc_signal_ranks() {
     # each rank wrote "<host> <pid>" when it started: signal it there (pbs_tmrsh for another host)
@@ -91,7 +91,7 @@ export -p > "$PHASE_DIR/rank-env.sh"   # tasks start with PBS's environment, not
 RANK_PIDS=()
 rank=0
 while read -r host; do
-    # SIGUSR1 ignored: a `qsig -s USR1` reaches every process of the job, the ranks too; it must not end their launcher
+    # SIGUSR1 ignored: a signal to every process of the job (qsig) must not end a rank's launcher
     ( trap '' USR1; exec "$TMRSH" "$host" bash "$JOB_DIR/rank.sh" "$rank" "$PHASE_DIR/rank-env.sh" ) &
     RANK_PIDS+=("$!")
     rank=$((rank + 1))

@@ -60,8 +60,8 @@ QRERUN="$PBS_BIN/qrerun"
 [ -x "$QRERUN" ] || QRERUN=qrerun
 
 # PBS sends no warning before the walltime (SIGTERM reaches every process of the job at once, then
-# SIGKILL after kill_delay), so the job warns itself 120 s ahead; preemption hooks and
-# `qsig -s USR1` send SIGUSR1. Either way every rank is asked to checkpoint and stop.
+# SIGKILL after kill_delay), so the job warns itself 120 s ahead (SIGUSR1 to this shell,
+# which may also come from outside). Either way every rank is asked to checkpoint and stop.
 RANNC_WARNED=0
 rannc_signal_ranks() {
     [ -n "${MPI_PID:-}" ] && kill "-$1" "$MPI_PID" 2>/dev/null
