@@ -9,7 +9,9 @@ Every step of the planner narrows its space with the same object: the search spa
 (search.SearchSpace.build), refinement and its deeper-pipeline splits (refine.Refiner), the
 simulator's polish (which keeps the structure), the baselines, and the final choice
 (planner.make_plan refuses to return a plan with violations). ``all_devices`` (the runtime's
-in-process plan: every started process must get work) asks for plans that use every GPU.
+in-process plan: every started process should get work) asks for plans that use every GPU:
+forced replica counts must then sum to the GPU count, and when no plan on all of them fits,
+make_plan returns the best plan that does with ``predicted['idle_reason']`` saying why.
 """
 
 from __future__ import annotations

@@ -115,7 +115,11 @@ def make_plan(profile: Profile, cluster: ClusterSpec, batch_size: int | None = N
         if not forced.all_devices:
             raise exc.error from None
     # no plan keeps every GPU busy: the best plan that fits, saying why GPUs stay idle
-    report = _make_plan(profile, cm, replace(forced, all_devices=False), use_exhaustive, max_units, with_baselines, keep)
+    try:
+        report = _make_plan(profile, cm, replace(forced, all_devices=False), use_exhaustive, max_units, with_baselines,
+                            keep)
+    except _NoPlan as exc:
+        raise exc.error from None
     report.plan.predicted["idle_reason"] = idle_reason(cm, report.plan, exhausted=True)
     return report
 
