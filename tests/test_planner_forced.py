@@ -198,3 +198,34 @@ def test_a_two_head_model_gets_only_plans_its_executor_accepts():
             report = make_plan(prof, ClusterSpec.from_flags(nodes, gpus, "16GiB"), with_baselines=False, **kw)
             for plan, _ in [(report.plan, report.simulation), *report.alternatives]:
                 assert executor_accepts(plan, nodes, gpus), plan
+
+
+def test_transformer_lm_forced_stages_cut_near_balance(tmp_path):
+    """examples/transformer_lm.py at one microbatch: --stages 2 used to give [blocks 0-0 | 1-49]."""
+    import json
+
+    from conftest import ROOT, run_cli
+    from rannc_cli.profiler.format import Profile
+
+    path = tmp_path / "tlm.yaml"
+    res = run_cli("profile", str(ROOT / "examples" / "transformer_lm.py"), "--estimate", "--device-spec",
+                  "V100-SXM2-16GB", "--no-cache", "--out", str(path))
+    assert res.returncode == 0, res.stderr
+    prof = Profile.load(path)
+    for stages in (2, 3):
+        res = run_cli("plan", "--profile", str(path), "--nodes", "1", "--gpus", str(stages), "--stages", str(stages),
+                      "--microbatches", "1", "--json")
+        assert res.returncode == 0, res.stderr
+        data = json.loads(res.stdout)
+        plan = candidate_like(data)
+        cm = CostModel(prof, ClusterSpec.from_flags(1, stages, "16GiB"), data["batch_size"])
+        assert len(plan.stages) == stages and stage_balance(prof, plan, cm) <= 1.25, data["stages"]
+
+
+def candidate_like(data: dict):
+    """A Plan from `rannc plan --json` output (stages, replicas, microbatches)."""
+    from rannc_cli.planner.plan import Plan, StagePlan
+
+    stages = [StagePlan(s["blocks"][0], s["blocks"][-1] + 1, s["replicas"], [tuple(d) for d in s["devices"]],
+                        s["checkpoint"]) for s in data["stages"]]
+    return Plan(data["schedule"], data["microbatches"], data["batch_size"], stages)

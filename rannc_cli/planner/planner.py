@@ -8,8 +8,10 @@ units and keeps its runners-up; refine.py re-places the boundaries of the best s
 their two-way splits) exactly over the blocks; the 12 best by objective are simulated
 (simulate.py), the best three structures are polished under the simulator, and the plan with the
 shortest simulated step is chosen. If a baseline still simulates faster, that plan is returned
-instead and the report says so. Forced parts (stages, replicas, microbatches, schedule) narrow the space; the
-rest is still searched. When nothing fits, one RanncError says how much memory the model needs,
+instead and the report says so. Forced parts (stages, replicas, microbatches, schedule,
+checkpointing, all devices) become one forced.Forced that every step respects; the rest is still
+searched, and the returned plan honours them and passes the runtime's acceptance check
+(redistribution.py), or a RanncError names the part that cannot hold. When nothing fits, one RanncError says how much memory the model needs,
 which block cannot fit one GPU (if any) and the smallest cluster that would fit.
 """
 
