@@ -42,8 +42,8 @@ costs the same compute; the objective then keeps ``TIE_WEIGHT`` (1%) of the bott
 (``max_weight``), so that between cuts the model otherwise finds (nearly) equally fast the
 time-balanced one wins. With a forced stage count the weight is ``FORCED_TIE_WEIGHT`` (25%): such
 a count is asked for memory or layout, and a cut that saves one small transfer by leaving a stage
-nearly empty honours it only in name. The final ranking adds the same term to the simulated step
-(``rank_seconds``).
+nearly empty honours it only in name. The final ranking adds the same term, at every M, to the
+simulated step (``rank_seconds``).
 """
 
 from __future__ import annotations
@@ -101,8 +101,9 @@ def max_weight(microbatches: int, tie: float = TIE_WEIGHT) -> float:
 
 def rank_seconds(step: float, forward: list[float], backward: list[float], microbatches: int,
                  tie: float = TIE_WEIGHT) -> float:
-    """The final ranking key of a plan: its simulated step, plus the tie-break term at M = 1."""
-    if microbatches > 1 or not forward:
+    """The final ranking key of a plan: its simulated step plus ``tie`` x its slowest stage's time
+    per microbatch (at every M, so that plans of different microbatch counts compare fairly)."""
+    if not forward:
         return step
     return step + tie * max(f + b for f, b in zip(forward, backward))
 
