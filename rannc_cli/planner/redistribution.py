@@ -17,9 +17,13 @@ the search never cuts a blocked boundary between unequal replica counts (search.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from rannc_cli.errors import RanncError
+
+if TYPE_CHECKING:
+    from rannc_cli.planner.plan import Plan
+    from rannc_cli.profiler.format import Profile
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,7 @@ def check_crossings(crossings: Iterable[Crossing], replicas: Sequence[int], micr
                              hint="give those stages the same number of replicas, or move the boundary")
 
 
-def plan_crossings(profile, bounds: Sequence[int]) -> list[Crossing]:
+def plan_crossings(profile: "Profile", bounds: Sequence[int]) -> list[Crossing]:
     """Stage-level crossings of the profile's values for stages cut at ``bounds`` ([0, ..., n])."""
     stage_of = {}
     for s in range(len(bounds) - 1):
@@ -66,18 +70,19 @@ def plan_crossings(profile, bounds: Sequence[int]) -> list[Crossing]:
     return out
 
 
-def dynamic_batch(profile) -> bool:
+def dynamic_batch(profile: "Profile") -> bool:
+    """Whether the profile's model was captured with a symbolic batch dimension (so it can be sliced)."""
     return bool(profile.model.get("dynamic_batch", True))
 
 
-def check_plan_runs(profile, plan) -> None:
+def check_plan_runs(profile: "Profile", plan: "Plan") -> None:
     """The runtime's acceptance check for ``plan`` (a planner Plan) on ``profile``'s values."""
     bounds = [st.start for st in plan.stages] + [plan.stages[-1].end]
     check_crossings(plan_crossings(profile, bounds), [st.replicas for st in plan.stages], plan.microbatches,
                     dynamic_batch(profile))
 
 
-def cut_blocked(profile) -> list[bool]:
+def cut_blocked(profile: "Profile") -> list[bool]:
     """Per block boundary b (0..n; b cuts before block b): whether a tensor without a batch dimension
     made before b is read at or after b, so stages on either side must have equal replica counts."""
     n = len(profile.blocks)
