@@ -275,9 +275,10 @@ class _Tables:
         Fmin[0] = F[0].min(-1)
         op = np.add if combine == "sum" else np.maximum
         for e in range(1, U + 1):
+            pinned = P > 1 and bool(blk[:e].any())
             for ri, r in enumerate(self.R):
                 p = ri if P > 1 else 0
-                Fe = np.where(blk[:e, None, None], F[:e, :, :, p], Fmin[:e]) if P > 1 else Fmin[:e]
+                Fe = np.where(blk[:e, None, None], F[:e, :, :, p], Fmin[:e]) if pinned else Fmin[:e]
                 Fp, cp = F[:, :, :, p], ch[:, :, :, p]
                 d_at, link_at, skip_nodes = self._place[ri]
                 cost_e = value[:e, e, ri]  # (e, 3, J)
