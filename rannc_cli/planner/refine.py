@@ -13,7 +13,10 @@ the DP is a chain: ``F[s][e] = min_a F[s-1][a] + cost_s(a, e)``, S x n^2 work pe
 milliseconds for 100 blocks and 32 stages. The objective's max terms are handled by the same
 best-first branch and bound over threshold levels as the coarse search (search._branch_and_bound),
 so the result is the exact optimum of the objective for that structure; the coarse plan itself is
-one of the options, so refinement never makes the objective worse.
+one of the options, so refinement never makes the objective worse. Cuts a value without a batch
+dimension crosses are masked between stages of unequal replica counts (redistribution.py), and
+the forced parts (forced.Forced) hold: no deeper-pipeline splits under a forced stage count, no
+doubled microbatch count under a forced one, forced checkpointing on every stage.
 """
 
 from __future__ import annotations

@@ -22,6 +22,12 @@ and bisects the widest one (the upper half keeps its parent's DP result, only th
 a new DP), so it needs a few dozen DP runs where walking the levels one at a time needed
 thousands. Every DP result is kept as a candidate for refinement (refine.py), the simulator and
 `--explain`.
+
+Runtime rules the DP keeps (redistribution.py): a unit boundary crossed by a tensor without a
+batch dimension must have equal replica counts on both sides, so where the profile has such a
+boundary the state also carries the last stage's replica index; ``SearchSpace.all_devices`` keeps
+only plans that end on the last GPU without placement gaps (every GPU busy); a forced checkpoint
+setting replaces the "only where it does not fit otherwise" rule.
 """
 
 from __future__ import annotations
