@@ -170,7 +170,8 @@ def wait_for(rec: JobRecord, transport, backend: Backend, quiet: bool = False, t
     state = rec.state
     if state != "COMPLETED":
         where = rec.data.get("failure")
-        raise RanncError(f"job {rec.id} ended {state}" + (f" at {where}" if where else ""),
+        why = rec.phase("train").get("reason") if state == "TIMEOUT" else None
+        raise RanncError(f"job {rec.id} ended {state}" + (f" at {where}" if where else "") + (f": {why}" if why else ""),
                          hint=f"rannc logs {rec.id}" + (f" --rank {_rank_of(where)}" if where and "rank-" in where else ""))
     if not quiet:
         typer.echo(f"job {rec.id} COMPLETED; logs: rannc logs {rec.id}")
