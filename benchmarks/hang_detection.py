@@ -1,6 +1,6 @@
 """How long `rannc run` takes to notice a stopped (hung) or killed rank, against the configured timeout.
 
-    python benchmarks/hang_detection.py                  # SIGSTOP with hang_timeout 10 s and 60 s (default), SIGKILL
+    python benchmarks/hang_detection.py                  # SIGSTOP with hang_timeout 5 s, 10 s, 60 s (default); SIGKILL
     python benchmarks/hang_detection.py --baseline       # also heartbeats off: only runtime_timeout (300 s) ends it
 
 Each row starts `rannc run --nproc 2 --log-dir D examples/mlp.py` (small MLP, endless steps), waits
@@ -76,9 +76,17 @@ def measure(sig: signal.Signals, hang_timeout: float | None, runtime_timeout: fl
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--baseline", action="store_true", help="also measure with heartbeats off (takes ~5 min)")
+    parser.add_argument("--hang-timeouts", default="5,10,default",
+                        help="comma list of hang_timeout_seconds to try with SIGSTOP (default: the setting's default)")
+    parser.add_argument("--no-kill", action="store_true", help="skip the SIGKILL row")
     args = parser.parse_args()
-    rows = [("SIGSTOP", signal.SIGSTOP, 10.0, None, 10.0), ("SIGSTOP", signal.SIGSTOP, None, None, 60.0),
-            ("SIGKILL", signal.SIGKILL, None, None, None)]
+    from rannc_cli.config import REGISTRY
+
+    default = float(REGISTRY["hang_timeout_seconds"].default)
+    rows = [("SIGSTOP", signal.SIGSTOP, None if t == "default" else float(t), None,
+             default if t == "default" else float(t)) for t in args.hang_timeouts.split(",") if t]
+    if not args.no_kill:
+        rows.append(("SIGKILL", signal.SIGKILL, None, None, None))
     if args.baseline:
         rows.append(("SIGSTOP", signal.SIGSTOP, 0.0, None, 300.0))
     print("| signal | hang_timeout_seconds | runtime_timeout | detected after (s) | / timeout | exit | names rank 1 |")
@@ -86,7 +94,7 @@ def main() -> None:
     for name, sig, hang, runtime, bound in rows:
         got = measure(sig, hang, runtime)
         ratio = f"{got['seconds'] / bound:.2f}" if bound else "-"
-        hang_text = "60 (default)" if hang is None else ("0 (off)" if hang == 0 else f"{hang:g}")
+        hang_text = f"{default:g} (default)" if hang is None else ("0 (off)" if hang == 0 else f"{hang:g}")
         print(f"| {name} | {hang_text} | {runtime or '300 (default)'} | {got['seconds']:.1f} | {ratio} | "
               f"{got['code']} | {'yes' if got['names_rank_1'] else 'NO: ' + got['line']} |", flush=True)
 
