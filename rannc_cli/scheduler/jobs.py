@@ -95,6 +95,7 @@ def refresh(rec: JobRecord, transport, backend: Backend) -> bool:
 
 _LAUNCHER_VERDICT = re.compile(r"^rannc run: rank (\d+) (.*?)(?: \(see [^)]*\))?(?:; stopped or lost ranks .*)?$")
 _WATCHER_VERDICT = re.compile(r"^error: rank (\d+) (stopped answering): (.*)$")
+_SRUN_TASK = re.compile(r"^srun: error: (\S+): tasks? (\d+)(?:-\d+)?: (.*)$")
 _LOST_CONTACT = "lost contact with the other ranks"
 
 
@@ -103,8 +104,9 @@ def find_failure(rec: JobRecord, transport) -> str | None:
 
     The rank to blame is the one that failed or stopped answering first: the one `rannc run`'s
     last line names (local jobs), else one a heartbeat watcher named ("error: rank K stopped
-    answering"), else the first rank log with an error of its own; a rank that only lost contact
-    with the others is named only when nothing else is known."""
+    answering"), else the first task srun reports ended (not with code 3), else the first rank log
+    with an error of its own; a rank that only lost contact with the others is named only when
+    nothing else is known."""
     base = rec.exec_dir
     for phase in ("train", "profile"):
         names = transport.listdir(f"{base}/{phase}")
@@ -137,6 +139,11 @@ def _verdict(texts: dict[str, list[str]], batches: list[str], ranks: list[str]) 
             m = _WATCHER_VERDICT.match(line.strip())
             if m:
                 return int(m.group(1)), f"{m.group(2)} ({m.group(3).split(';')[0]})"
+    for name in batches:  # srun's own account: the first task that ended, unless it only lost contact
+        for line in texts[name]:
+            m = _SRUN_TASK.match(line.strip())
+            if m and m.group(3).strip() != "Exited with exit code 3":
+                return int(m.group(2)), f"ended first: {m.group(3).strip()} on {m.group(1)} (srun)"
     return None
 
 
