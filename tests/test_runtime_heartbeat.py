@@ -57,3 +57,17 @@ def test_blame_prefers_a_rank_own_error_then_a_stopped_heartbeat_then_the_stuck_
     assert blame([(0, PEER_LOST)], None, {1}, {}, 60.0, {1: "ValueError: boom"})[:2] == (1, 1)
     # nothing but lost contact: the first one
     assert blame([(1, PEER_LOST), (0, PEER_LOST)], None, set(), {}, 60.0)[:2] == (1, PEER_LOST)
+
+
+def test_a_new_mtime_alone_is_a_beat(tmp_path):
+    """On a full disk a rank can only touch its beat file: same content, newer mtime, still alive."""
+    import os
+
+    path = beat_path(tmp_path, 0)
+    path.write_text("7 3\n")
+    os.utime(path, ns=(1_000_000_000, 1_000_000_000))
+    watch = BeatWatch(tmp_path, [0])
+    time.sleep(0.3)
+    assert dict(watch.poll())[0] >= 0.3 and not watch.started(0)
+    os.utime(path)  # what Heartbeat._write falls back to when the write fails
+    assert dict(watch.poll())[0] < 0.1 and watch.started(0)

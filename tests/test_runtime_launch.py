@@ -60,7 +60,11 @@ def test_a_failing_rank_ends_the_job_with_its_error(tmp_path):
                   worker_args=("--fail-rank", "1"))
     elapsed = time.monotonic() - t0
     assert proc.returncode == 1, proc.stderr[-3000:]
-    assert f"rannc run: rank 1 failed first (exit code 1) (see {logs / 'rank-1.log'})" in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    # "(exit code 1)", or on a crowded machine, when rank 1 was still exiting as the others were
+    # stopped, "(ValueError: injected failure ...; stopped while exiting)" from its heartbeat file
+    assert last.startswith("rannc run: rank 1 failed first (") and f"(see {logs / 'rank-1.log'})" in last, last
+    assert "(exit code 1)" in last or "(ValueError: injected failure on rank 1 at step 2; stopped while exiting)" in last
     assert elapsed < 90
     # --log-dir: every rank's output in rank-<R>.log, only rank 0's on the terminal
     rank1 = (logs / "rank-1.log").read_text()

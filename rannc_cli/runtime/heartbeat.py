@@ -5,7 +5,8 @@
     watch.poll()                                # -> [(rank, seconds since its beat last changed)]
 
 A rank's beat is a daemon thread that rewrites ``<heartbeat_dir>/rank-<R>.beat`` (a counter) every
-``hang_timeout_seconds / 10`` (0.2 to 2 s). It keeps beating while the main thread computes,
+``hang_timeout_seconds / 10`` (0.2 to 2 s; on a full disk it only touches the file's mtime,
+which watchers count too). It keeps beating while the main thread computes,
 profiles or waits in a collective, and stops when the process is stopped (SIGSTOP, a frozen node)
 or killed; a clean exit writes ``done``. A watcher never compares clocks between machines: it
 notes on its own monotonic clock when a beat file last changed, so a shared file system across
@@ -55,15 +56,16 @@ class BeatWatch:
     def __init__(self, folder: Path | str, ranks: list[int]):
         self.folder = Path(folder)
         now = time.monotonic()
-        self.seen: dict[int, tuple[str | None, float]] = {r: (self._read(r), now) for r in ranks}
+        self.seen: dict[int, tuple[tuple[str, int] | None, float]] = {r: (self._read(r), now) for r in ranks}
         self.beating: set[int] = set()  # ranks whose beat changed since this watch began
         self.done: set[int] = set()
         self.failed: dict[int, str] = {}  # rank -> the uncaught exception it is exiting with
 
-    def _read(self, rank: int) -> str | None:
+    def _read(self, rank: int) -> tuple[str, int] | None:
+        """(content, mtime in ns): a beat changes either (a full disk leaves only the mtime to change)."""
         try:
             with open(beat_path(self.folder, rank)) as fh:
-                return fh.read()
+                return fh.read(), os.fstat(fh.fileno()).st_mtime_ns
         except OSError:
             return None
 
@@ -74,13 +76,14 @@ class BeatWatch:
         for rank in self.seen if ranks is None else ranks:
             if rank in self.done:
                 continue
-            text = self._read(rank)
+            value = self._read(rank)
             last, since = self.seen[rank]
-            if text and text != last:
-                self.seen[rank] = (text, now)
+            if value is not None and value != last:
+                self.seen[rank] = (value, now)
                 self.beating.add(rank)
                 since = now
-            if rank in self.beating and text is not None and text.split(" ", 1)[0].strip() in (DONE, FAILED):
+            text = value[0] if value is not None else ""
+            if rank in self.beating and text.split(" ", 1)[0].strip() in (DONE, FAILED):
                 self.done.add(rank)  # a "done" left by an earlier run of a requeued job does not count
                 if text.startswith(FAILED):
                     self.failed[rank] = text[len(FAILED):].strip()
@@ -109,8 +112,11 @@ class Heartbeat:
         try:
             with open(self.path, "w") as fh:
                 fh.write(text)
-        except OSError:
-            pass  # a full or vanished folder must not kill training; the watcher will notice
+        except OSError:  # a full disk: a new mtime needs no space, and watchers count it as a beat
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass  # a vanished folder must not kill training from this thread
 
     def _run(self) -> None:
         interval = beat_interval(self.timeout)
