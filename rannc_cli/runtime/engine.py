@@ -122,6 +122,9 @@ class Engine:
         self.timeout = datetime.timedelta(seconds=float(settings.get("runtime_timeout")))
         self.device = device_for(env)
         init_distributed(env, self.device)
+        from rannc_cli.runtime import heartbeat
+
+        heartbeat.start(env.rank, env.world_size)  # from now on a stopped rank is named within hang_timeout_seconds
         _install_excepthook()  # after init_process_group, whose own hook would swallow our line
         from rannc_cli.runtime.deferred import give_storage, meta_parameters
 
