@@ -37,6 +37,7 @@ NNODES=$(sort -u "$PJM_O_NODEINF" | wc -l)
 FIRST_NODE=$(head -n 1 "$PJM_O_NODEINF")
 export RANNC_PLAN="$JOB_DIR/plan.yaml"
 export RANNC_CHECKPOINT_DIR="$JOB_DIR/checkpoints"
+export RANNC_HEARTBEAT_DIR="$PHASE_DIR/heartbeat"   # each rank beats here; the next rank names one that stops
 RUNS=$(cat "$PHASE_DIR/rannc-runs" 2>/dev/null || echo 0)
 export RANNC_RESTART_COUNT="$RUNS"
 echo $((RUNS + 1)) > "$PHASE_DIR/rannc-runs"
