@@ -14,7 +14,8 @@ resumed runs). Script idioms (tests/test_runtime_idioms.py): clip ({"max_norm", 
 "how": torch | imported | method}, norms returned per step in ``norms``), clip_value, accumulate
 (forwards per optimizer step, each loss divided by it), groups ('hf': no weight decay and another
 learning rate for biases and norms), scheduler ('lambda'), input_grad (the first input
-requires grad; its gradients per step in ``input_grads``).
+requires grad; its gradients per step in ``input_grads``), late_optimizer (the optimizer is made
+from the wrapper's parameters after wrapping and not handed to RaNNCModule).
 """
 
 from __future__ import annotations
@@ -192,12 +193,16 @@ def train_distributed(case: dict, rank: int, fail_rank: int = -1, resume: str = 
     else:
         model, batch = build(case)
         initial = copy.deepcopy(model.state_dict())
-    opt = make_optimizer(case, model.parameters(), model)
     options = dict(case.get("options", {}))
     options.setdefault("quiet", True)
     if case.get("local_batches"):
         options["local_batches"] = True
-    wrapped = RaNNCModule(model, opt, **options)
+    if case.get("late_optimizer"):  # built from the wrapper's parameters, not handed to RaNNCModule
+        wrapped = RaNNCModule(model, **options)
+        opt = make_optimizer(case, wrapped.parameters(), wrapped)
+    else:
+        opt = make_optimizer(case, model.parameters(), model)
+        wrapped = RaNNCModule(model, opt, **options)
     if resume:
         wrapped.load_checkpoint(resume)
     total = sum(p.numel() for p in model.parameters())

@@ -12,6 +12,9 @@ returns the loss through an autograd function whose backward adds ``grad_output 
 those gradients to ``.grad``. Plain ``loss.backward()`` (factor 1) and GradScaler (power-of-two
 factors, normally 1 after the first step) are exact; a forward whose loss is never backwarded
 leaves ``.grad`` untouched; gradient accumulation over several forwards works as in PyTorch.
+Inputs that require grad get theirs the same way: each stage replica adds the gradient of the
+slice it read into a full-size buffer, the buffers are summed over the world, and backward hands
+them to the inputs.
 """
 
 from __future__ import annotations
@@ -399,10 +402,16 @@ class Engine:
     # ------------------------------------------------------------------ preemption
     def _wrap_optimizer_step(self, opt: torch.optim.Optimizer) -> None:
         """optimizer.step(): a no-op for replayed steps; after it, the agreed preemption checkpoint."""
+        import functools
+        import types
+
         base = opt.step
         engine = self
 
-        def step(*a: Any, **kw: Any) -> Any:
+        # A bound method that keeps the marks of an LR scheduler that wrapped the step before (no
+        # "optimizer.step() has been overridden" warning) and that a later scheduler can wrap again.
+        @functools.wraps(base)
+        def step(_opt: Any, *a: Any, **kw: Any) -> Any:
             if engine.in_replay:
                 return None
             out = base(*a, **kw)
@@ -410,7 +419,7 @@ class Engine:
                 engine.checkpoint_and_exit()
             return out
 
-        opt.step = step  # type: ignore[method-assign]
+        opt.step = types.MethodType(step, opt)  # type: ignore[method-assign]
 
     def checkpoint_and_exit(self) -> None:
         """Every rank: write the preemption checkpoint, then leave with exit code 0 (SystemExit)."""

@@ -6,8 +6,8 @@
 
 The captured graph computes BatchNorm as ``aten._native_batch_norm_legit_functional`` (training
 mode). The rewrite swaps that node's target for ``SyncedBatchNorm``, which sums counts and sums,
-then centred squares, over the stage's replica group with the differentiable all-reduce of
-``torch.distributed.nn``, and returns the same five values (output, mean, inverse std, new running
+then centred squares, over the stage's replica group with a differentiable all-reduce (its
+backward sums the gradients the same way), and returns the same five values (output, mean, inverse std, new running
 mean and variance, the latter from the unbiased variance of the whole microbatch). With one
 microbatch the numbers are the single-device ones; with M microbatches each microbatch is
 normalised on its own, as gradient accumulation over M steps on one device would.
@@ -23,6 +23,27 @@ from torch import fx
 _TRAINING_BN = torch.ops.aten._native_batch_norm_legit_functional.default
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ``group``; the gradient of every replica's copy is the sum of all replicas' gradients."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group: Any) -> torch.Tensor:  # type: ignore[override]
+        import torch.distributed as dist
+
+        ctx.group = group
+        out = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return _AllReduceSum.apply(grad.contiguous(), ctx.group), None
+
+
+def all_reduce(tensor: torch.Tensor, group: Any) -> torch.Tensor:
+    return _AllReduceSum.apply(tensor, group)
+
+
 class SyncedBatchNorm:
     """A callable graph target: training-mode BatchNorm with statistics over ``group``."""
 
@@ -34,8 +55,6 @@ class SyncedBatchNorm:
     def __call__(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                  running_mean: torch.Tensor, running_var: torch.Tensor, training: bool, momentum: float,
                  eps: float) -> tuple[torch.Tensor, ...]:
-        from torch.distributed.nn.functional import all_reduce
-
         if not training:
             return _TRAINING_BN(x, weight, bias, running_mean, running_var, training, momentum, eps)
         dims = [0, *range(2, x.dim())]
