@@ -48,7 +48,7 @@ CASES = [
     {"id": "late_optimizer_21", "model": "example_mlp", "options": P([2, 1], 2), "late_optimizer": True,
      "clip": {"max_norm": 0.1}},
     # negatives: BatchNorm per slice; clipping without the global norm (sabotage, last: it stays on)
-    {"id": "neg_bn_local_2", "model": "bn_cnn", "options": with_bn([2], 1, "local"), "steps": 4},
+    {"id": "neg_bn_local_2", "model": "bn_cnn", "options": {**with_bn([2], 1, "local"), "quiet": False}, "steps": 4},
     {"id": "neg_clip_local_211", "model": "tied_weights", "options": P([2, 1, 1], 2), "clip": {"max_norm": 0.2},
      "sabotage": "local_clip"},
 ]
@@ -92,6 +92,13 @@ def test_clipping_really_clips(results):
 def test_lr_scheduler_sees_its_own_step(results):
     """The runtime's optimizer.step wrapper keeps the scheduler's mark: torch does not warn."""
     assert "has been overridden after learning rate scheduler" not in (results / "stderr.txt").read_text()
+
+
+def test_batch_norm_per_slice_is_announced(results):
+    """Rank 0 says that per-slice BatchNorm statistics differ from one device, and names the option."""
+    text = (results / "stderr.txt").read_text()
+    assert "BatchNorm statistics are computed per microbatch slice" in text and "batchnorm='sync'" in text
+    assert text.count("BatchNorm statistics are computed per microbatch slice") == 1  # only the quiet=False case
 
 
 def test_bf16_autocast_scaler_clip_tracks_reference(results):
