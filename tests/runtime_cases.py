@@ -15,7 +15,8 @@ resumed runs). Script idioms (tests/test_runtime_idioms.py): clip ({"max_norm", 
 (forwards per optimizer step, each loss divided by it), groups ('hf': no weight decay and another
 learning rate for biases and norms), scheduler ('lambda'), input_grad (the first input
 requires grad; its gradients per step in ``input_grads``), late_optimizer (the optimizer is made
-from the wrapper's parameters after wrapping and not handed to RaNNCModule).
+from the wrapper's parameters after wrapping and not handed to RaNNCModule), reference_microbatches
+(the reference runs each batch as that many chunks, as gradient accumulation on one device).
 """
 
 from __future__ import annotations
@@ -154,14 +155,35 @@ def _evaluate(forward: Any, module: nn.Module, batch: tuple) -> dict[str, float]
     return {"no_grad": no_grad, "eval": evaluated}
 
 
+def microbatched(model: nn.Module, microbatches: int) -> Any:
+    """A single-device forward that runs the batch as ``microbatches`` contiguous chunks in order and
+    returns the sum of their losses weighted by chunk size / batch size (gradient accumulation)."""
+    from rannc_cli.graph.capture import guess_batch_size
+    from rannc_cli.runtime.microbatch import split_sizes
+
+    def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+        size = guess_batch_size(args, kwargs)
+        total, start = None, 0
+        for n in split_sizes(size, microbatches):
+            a, k = pytree.tree_map(lambda t: t[start:start + n] if isinstance(t, torch.Tensor) and t.dim() > 0
+                                   and t.shape[0] == size else t, (args, kwargs))
+            part = model(*a, **k) * (n / size)
+            total = part if total is None else total + part
+            start += n
+        return total
+
+    return forward
+
+
 def train_reference(case: dict) -> dict[str, Any]:
     model, batch = build(case)
     initial = copy.deepcopy(model.state_dict())
     opt = make_optimizer(case, model.parameters(), model)
     record: dict[str, Any] = {}
-    losses = _train(case, model, model, opt, batch, record=record)
+    forward = microbatched(model, case["reference_microbatches"]) if case.get("reference_microbatches") else model
+    losses = _train(case, model, forward, opt, batch, record=record)
     result = {"losses": losses, "state": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(opt.state_dict()),
-              **_evaluate(model, model, batch), **record, "names": [n for n, _ in model.named_parameters()]}
+              **_evaluate(forward, model, batch), **record, "names": [n for n, _ in model.named_parameters()]}
     if case.get("reload"):
         model.load_state_dict(initial)
         with torch.no_grad():

@@ -44,6 +44,9 @@ CASES = [
     {"id": "bn_sync_31", "model": "bn_cnn", "options": with_bn([3, 1], 1, "sync"), "steps": 4},
     {"id": "bn_sync_21_ckpt", "model": "batch_norm", "options": {**with_bn([2, 1], 1, "sync"),
      "checkpoint": "on"}, "steps": 4},
+    # sync with 2 microbatches: each microbatch normalised on its own, as single-device accumulation
+    {"id": "bn_sync_2_m2", "model": "bn_cnn", "options": with_bn([2], 2, "sync"), "steps": 4,
+     "reference_microbatches": 2},
     # an optimizer made after wrapping, from model.parameters(), not handed to RaNNCModule
     {"id": "late_optimizer_21", "model": "example_mlp", "options": P([2, 1], 2), "late_optimizer": True,
      "clip": {"max_norm": 0.1}},
