@@ -270,7 +270,7 @@ class Engine:
         return self.modes[training]
 
     def _batch_norm(self, stage: StageModule, training: bool) -> None:
-        """batchnorm='sync': this stage's BatchNorms use statistics over its replicas; a note otherwise."""
+        """batchnorm='sync' and a replicated stage: its BatchNorms take statistics over all its replicas."""
         from rannc_cli.runtime.syncbn import sync_batch_norm
 
         assert self.plan is not None and self.layout is not None

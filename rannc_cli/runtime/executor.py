@@ -10,7 +10,8 @@ stage replica takes its slice of microbatch m: user inputs are sliced from the b
 holds, values made by earlier stages arrive from the replicas whose slices overlap its own (any
 earlier stage, not only the previous one), and its outputs leave the same way. ``B(m)`` receives
 the gradients of its outputs (summed over consuming stages), runs autograd, and sends the
-gradients of its inputs back. The loss of slice (m, j) enters the total with weight n_mj / B
+gradients of its inputs back; user inputs named in ``input_grads`` (inputs that require grad)
+enter as leaves, and each slice's gradient is added into that buffer. The loss of slice (m, j) enters the total with weight n_mj / B
 (mean-reduced losses) or 1 (sum-reduced), so the total equals the full-batch loss.
 """
 
