@@ -11,7 +11,7 @@ options (RaNNCModule options), local_batches, autocast ('bf16'), scaler (GradSca
 deferred (build under deferred_init, then load the reference's initial weights), reload (load
 the initial weights after training and report the no-grad loss), start (first step index, for
 resumed runs). Script idioms (tests/test_runtime_idioms.py): clip ({"max_norm", "norm_type",
-"how": torch | imported | method}, norms returned per step in ``norms``), clip_value, accumulate
+"how": torch | imported | method | filtered}, norms returned per step in ``norms``), clip_value, accumulate
 (forwards per optimizer step, each loss divided by it), groups ('hf': no weight decay and another
 learning rate for biases and norms), scheduler ('lambda'), input_grad (the first input
 requires grad; its gradients per step in ``input_grads``), late_optimizer (the optimizer is made
@@ -93,6 +93,8 @@ def _clip(case: dict, model: nn.Module, record: dict) -> None:
             norm = model.clip_grad_norm_(max_norm, norm_type=norm_type)
         elif how == "imported":
             norm = clip_grad_norm_(model.parameters(), max_norm, norm_type=norm_type)
+        elif how == "filtered":  # a rank whose stage holds no gradient passes an empty list
+            norm = clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm, norm_type)
         else:
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, norm_type=norm_type)
         record.setdefault("norms", []).append(float(norm))

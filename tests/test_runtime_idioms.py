@@ -25,6 +25,9 @@ CASES = [
     # `from torch.nn.utils import clip_grad_norm_` done before RaNNCModule, inf-norm, 2 stages
     {"id": "clip_inf_imported_21", "model": "example_transformer", "options": P([2, 1], 2),
      "clip": {"max_norm": 0.05, "norm_type": "inf", "how": "imported"}},
+    # clip_grad_norm_([p for p in model.parameters() if p.grad is not None]): rank 3 holds no stage
+    {"id": "clip_filtered_21", "model": "fork_join", "options": P([2, 1], 2),
+     "clip": {"max_norm": 0.2, "how": "filtered"}},
     # model.clip_grad_norm_ with a 3-norm, then clip_grad_value_, 3 stages
     {"id": "clip_method_value_121", "model": "fork_join", "options": P([1, 2, 1], 2),
      "clip": {"max_norm": 0.2, "norm_type": 3.0, "how": "method"}, "clip_value": 0.01},

@@ -16,7 +16,8 @@ included, by the same coefficient with torch's ``clip_grads_with_norm_``.
 calls (the wrapper object stays the same), so every way a script reaches it works:
 ``torch.nn.utils.clip_grad_norm_``, ``nn.utils.clip_grad_norm_`` and ``from torch.nn.utils
 import clip_grad_norm_`` done before RaNNCModule existed. A call whose parameters belong to no
-distributed RaNNCModule runs torch's own code. ``clip_grad_value_`` is elementwise, so it needs
+distributed RaNNCModule runs torch's own code (an empty list counts as the latest model's: see
+``engine_of``). ``clip_grad_value_`` is elementwise, so it needs
 nothing: each rank clips the gradients it holds, which are the single-device ones.
 """
 
@@ -29,21 +30,28 @@ from typing import Any, Iterable
 import torch
 import torch.distributed as dist
 
-_ENGINES: "weakref.WeakSet[Any]" = weakref.WeakSet()
+_ENGINES: list["weakref.ref[Any]"] = []  # registration order
 _ORIGINAL: dict[str, Any] = {}
 
 
 def register(engine: Any) -> None:
     """Route clip_grad_norm_ calls on ``engine``'s parameters through ``global_clip_grad_norm_``."""
-    _ENGINES.add(engine)
+    _ENGINES[:] = [r for r in _ENGINES if r() is not None] + [weakref.ref(engine)]
     _install()
 
 
 def engine_of(parameters: list[torch.Tensor]) -> Any:
-    """The planned distributed engine whose model owns any of ``parameters`` (None if none)."""
+    """The planned distributed engine whose model owns any of ``parameters`` (None if none).
+
+    An empty list goes to the latest planned engine: a rank whose stage holds no gradient gets an
+    empty list from ``[p for p in model.parameters() if p.grad is not None]`` and must still join
+    the other ranks' all-reduce."""
+    planned = [e for e in (r() for r in reversed(_ENGINES)) if e is not None and e.plan is not None]
+    if not parameters:
+        return planned[0] if planned else None
     ids = {id(p) for p in parameters}
-    for engine in list(_ENGINES):
-        if engine.plan is not None and any(id(p) in ids for p in engine.model.parameters()):
+    for engine in planned:
+        if any(id(p) in ids for p in engine.model.parameters()):
             return engine
     return None
 
