@@ -29,6 +29,10 @@ def sabotage(kind: str) -> None:
         from rannc_cli.runtime.allreduce import GradReducer
 
         GradReducer.start = lambda self: None  # type: ignore[method-assign]
+    elif kind == "local_clip":
+        from rannc_cli.runtime import clipping
+
+        clipping.engine_of = lambda parameters: None  # type: ignore[assignment]  # torch's per-rank norm
     elif kind == "drop_microbatch":
         from rannc_cli.runtime.executor import Executor
 
