@@ -130,6 +130,43 @@ def _dynamic_batch_spec(forward: Any, args: tuple, kwargs: dict) -> Any:
     return {name: pytree.tree_map(spec, value) for name, value in bound.arguments.items()}
 
 
+@contextmanager
+def explicit_forward(model: nn.Module, args: tuple, kwargs: dict):
+    """Give ``model.forward`` a signature without ``*args``/``**kwargs`` for this call's arguments.
+
+    torch.export cannot match ``dynamic_shapes`` to a forward taking ``**kwargs`` (it lists the
+    keyword arguments both under ``kwargs`` and by name), which is how Hugging Face wrappers are
+    often written (``forward(self, **batch)``). The instance attribute is removed afterwards.
+    """
+    forward = model.forward
+    params = list(inspect.signature(forward).parameters.values())
+    variadic = {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD}
+    if not any(p.kind in variadic for p in params):
+        yield
+        return
+    bound = inspect.signature(forward).bind(*args, **kwargs).arguments
+    fixed: list[inspect.Parameter] = []
+    for p in params:
+        if p.kind == inspect.Parameter.VAR_POSITIONAL:
+            fixed += [inspect.Parameter(f"_{p.name}{i}", inspect.Parameter.POSITIONAL_ONLY)
+                      for i in range(len(bound.get(p.name, ())))]
+        elif p.kind == inspect.Parameter.VAR_KEYWORD:
+            fixed += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY) for k in bound.get(p.name, {})]
+        elif p.name in bound:
+            fixed.append(p.replace(default=inspect.Parameter.empty) if p.kind != inspect.Parameter.KEYWORD_ONLY
+                         else p)
+
+    def call(*a: Any, **k: Any) -> Any:
+        return forward(*a, **k)
+
+    call.__signature__ = inspect.Signature(sorted(fixed, key=lambda p: p.kind))  # type: ignore[attr-defined]
+    model.forward = call  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del model.forward
+
+
 def guess_batch_size(args: tuple, kwargs: dict) -> int:
     """The most common leading size among tensor inputs (ties: the first tensor's)."""
     sizes = [t.shape[0] for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() > 0]
@@ -158,12 +195,13 @@ def capture(model: nn.Module, args: tuple, kwargs: dict | None = None, dynamic: 
         last_error: BaseException | None = None
         for use_dynamic in attempts:
             try:
-                dyn = _dynamic_batch_spec(model.forward, args, kwargs) if use_dynamic else None
+                with explicit_forward(model, args, kwargs):
+                    dyn = _dynamic_batch_spec(model.forward, args, kwargs) if use_dynamic else None
             except TypeError as exc:
                 raise RanncError(f"the model's forward does not accept these arguments ({exc})") from None
             tracker = module_tracker(model)
             try:
-                with tracker:
+                with tracker, explicit_forward(model, args, kwargs):
                     program = torch.export.export(model, args, kwargs, dynamic_shapes=dyn, strict=False)
                 if has_mutations(program):
                     program = program.run_decompositions({})  # functionalise in-place ops
