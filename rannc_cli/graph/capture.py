@@ -123,10 +123,18 @@ def _leaf_paths(args: tuple, kwargs: dict) -> list[str]:
     return out
 
 
-def _dynamic_batch_spec(forward: Any, args: tuple, kwargs: dict) -> Any:
+def _dynamic_batch_spec(forward: Any, args: tuple, kwargs: dict, batch_size: int, tied: bool) -> Any:
+    """dynamic_shapes for export: dim 0 of every tensor input whose dim 0 is ``batch_size`` is one
+    shared ``Dim("batch")`` (``tied``), or each tensor's dim 0 is ``Dim.AUTO`` (export decides)."""
     bound = inspect.signature(forward).bind(*args, **kwargs)
+    batch = Dim("batch")
+
     def spec(v: Any) -> Any:
-        return {0: Dim.AUTO} if isinstance(v, torch.Tensor) and v.dim() > 0 else None
+        if not isinstance(v, torch.Tensor) or v.dim() == 0:
+            return None
+        if tied:
+            return {0: batch} if v.shape[0] == batch_size else None
+        return {0: Dim.AUTO}
     return {name: pytree.tree_map(spec, value) for name, value in bound.arguments.items()}
 
 
@@ -191,12 +199,16 @@ def capture(model: nn.Module, args: tuple, kwargs: dict | None = None, dynamic: 
     program = None
     with warnings.catch_warnings(), quiet_torch_logs():
         warnings.simplefilter("ignore")
-        attempts = [True, False] if dynamic else [False]
+        # "tied": every batch-sized input shares one batch symbol; "auto": export picks per input
+        # (only to name the input that broke "tied"); "static": no symbolic batch at all.
+        attempts = ["tied", "auto", "static"] if dynamic else ["static"]
         last_error: BaseException | None = None
-        for use_dynamic in attempts:
+        tied_error: BaseException | None = None
+        for attempt in attempts:
             try:
                 with explicit_forward(model, args, kwargs):
-                    dyn = _dynamic_batch_spec(model.forward, args, kwargs) if use_dynamic else None
+                    dyn = None if attempt == "static" else \
+                        _dynamic_batch_spec(model.forward, args, kwargs, batch_size, tied=attempt == "tied")
             except TypeError as exc:
                 raise RanncError(f"the model's forward does not accept these arguments ({exc})") from None
             tracker = module_tracker(model)
@@ -208,12 +220,60 @@ def capture(model: nn.Module, args: tuple, kwargs: dict | None = None, dynamic: 
                 break
             except Exception as exc:  # noqa: BLE001 - every failure becomes a diagnosis
                 last_error = exc
-                if not use_dynamic or not _is_dynamic_shape_failure(exc):
+                if attempt == "static" or not _is_dynamic_shape_failure(exc):
                     raise diagnose_export_failure(exc, tracker.failure_stack, model) from None
+                if attempt == "tied":
+                    tied_error = exc
         if program is None:
             assert last_error is not None
             raise diagnose_export_failure(last_error, [], model) from None
-    return _describe_program(model, program, args, kwargs, batch_size)
+    relax_views(program)
+    captured = _describe_program(model, program, args, kwargs, batch_size)
+    if attempt == "auto":
+        _refuse_untied_batch_inputs(captured, tied_error)
+    return captured
+
+
+def _refuse_untied_batch_inputs(captured: "CapturedModel", tied_error: BaseException | None) -> None:
+    """After the tied export failed: name the batch-sized inputs the model does not treat as batch.
+
+    Splitting such an input by rows would change the numbers, and keeping it whole for every
+    replica and microbatch would too, so capture stops instead of guessing.
+    """
+    values = {n.name: n.meta.get("val") for n in captured.graph.nodes if n.op == "placeholder"}
+    untied = [i.path for i in captured.inputs if i.is_tensor and i.batch_dim is None
+              and isinstance(values.get(i.placeholder), torch.Tensor) and values[i.placeholder].dim() > 0
+              and _hint(values[i.placeholder].shape[0]) == captured.batch_size]
+    if not untied:
+        return
+    reason = next((line.strip() for line in str(tied_error).splitlines() if line.strip()), "")[:200]
+    raise RanncError(
+        f"input {', '.join(untied)} has the batch size ({captured.batch_size}) as its first dimension, but the "
+        f"model does not use that dimension as the batch (torch.export: {reason})",
+        hint="rannc splits dim 0 of every tensor input as the batch; if the input is per-sample data, make the "
+             "model index it like the other inputs so it works for any batch size; if it is not, make it a "
+             "buffer of the model or give it a first dimension other than the batch size")
+
+
+def relax_views(program: ExportedProgram) -> int:
+    """Turn every ``aten.view`` of the graph into ``aten.reshape``; returns how many.
+
+    Export decides view-or-copy from the strides its fake tensors have, which are not always
+    the real kernels' (CPU SDPA returns a contiguous output where its fake one is transposed,
+    so T5's ``reshape`` is traced as a view that fails on real data), and stage inputs lose
+    their capture-time layout when the profiler tiles them or the runtime sends them. The graph
+    is functional, so ``reshape`` (a view where the strides allow, a copy otherwise) computes
+    the same values on any layout.
+    """
+    count = 0
+    for node in program.graph.nodes:
+        if node.op == "call_function" and node.target in (torch.ops.aten.view.default,
+                                                          torch.ops.aten._unsafe_view.default):
+            node.target = torch.ops.aten.reshape.default
+            count += 1
+    if count:
+        program.graph_module.recompile()
+    return count
 
 
 @contextmanager
