@@ -38,7 +38,12 @@ def no_dropout(model: nn.Module) -> nn.Module:
 
 def build(case: dict) -> tuple[nn.Module, tuple]:
     torch.manual_seed(case.get("seed", 0))
-    model, batch = ZOO[case["model"]]()
+    if case["model"] in ZOO:
+        model, batch = ZOO[case["model"]]()
+    else:  # third-party models (tests/real_models.py, the `zoo` extra)
+        from real_models import REAL_MODELS
+
+        model, batch = REAL_MODELS[case["model"]]()
     return no_dropout(model), batch
 
 

@@ -282,6 +282,12 @@ class Engine:
                   file=sys.stderr, flush=True)
         assignment = [i for i, st in enumerate(self.plan.stages) for _ in range(st.start, st.end)]
         stages = build_stages(bg, assignment)
+        if self.rank == 0 and self.model.training:
+            from rannc_cli.runtime.batchnorm import slicing_warning
+
+            warning = slicing_warning(stages, self.plan)
+            if warning:
+                print(warning, file=sys.stderr, flush=True)
         holders: dict[int, set[int]] = {}
         objects: dict[int, torch.Tensor] = {}
         for st in stages:
