@@ -146,12 +146,13 @@ def test_forward_with_var_keyword_arguments_keeps_a_symbolic_batch():
             super().__init__()
             self.l = nn.Linear(4, 1)
 
-        def forward(self, *args, **batch):
-            return ((self.l(batch["x"]).squeeze(-1) - batch["y"]) ** 2).mean()
+        def forward(self, x, *rest, **batch):
+            return ((self.l(x + rest[0]).squeeze(-1) - batch["y"]) ** 2).mean()
 
     model = KwargsOnly()
-    c = capture(model, (), {"x": torch.randn(6, 4), "y": torch.randn(6)})
-    assert c.dynamic_batch and [(i.path, i.batch_dim) for i in c.inputs] == [("kwargs['x']", 0), ("kwargs['y']", 0)]
+    c = capture(model, (torch.randn(6, 4), torch.randn(6, 4)), {"y": torch.randn(6)})
+    assert c.dynamic_batch
+    assert [(i.path, i.batch_dim) for i in c.inputs] == [("args[0]", 0), ("args[1]", 0), ("kwargs['y']", 0)]
     assert "forward" not in vars(model)  # the temporary signature is gone
 
 

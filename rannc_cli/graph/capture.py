@@ -152,22 +152,18 @@ def explicit_forward(model: nn.Module, args: tuple, kwargs: dict):
     if not any(p.kind in variadic for p in params):
         yield
         return
-    bound = inspect.signature(forward).bind(*args, **kwargs).arguments
-    fixed: list[inspect.Parameter] = []
-    for p in params:
-        if p.kind == inspect.Parameter.VAR_POSITIONAL:
-            fixed += [inspect.Parameter(f"_{p.name}{i}", inspect.Parameter.POSITIONAL_ONLY)
-                      for i in range(len(bound.get(p.name, ())))]
-        elif p.kind == inspect.Parameter.VAR_KEYWORD:
-            fixed += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY) for k in bound.get(p.name, {})]
-        elif p.name in bound:
-            fixed.append(p.replace(default=inspect.Parameter.empty) if p.kind != inspect.Parameter.KEYWORD_ONLY
-                         else p)
+    inspect.signature(forward).bind(*args, **kwargs)  # TypeError when the call does not fit
+    positional = [p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                        inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    var = next((p.name for p in params if p.kind == inspect.Parameter.VAR_POSITIONAL), "args")
+    names = [positional[i] if i < len(positional) else f"_{var}{i - len(positional)}" for i in range(len(args))]
+    fixed = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_ONLY) for n in names] + \
+        [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY) for k in kwargs]
 
     def call(*a: Any, **k: Any) -> Any:
         return forward(*a, **k)
 
-    call.__signature__ = inspect.Signature(sorted(fixed, key=lambda p: p.kind))  # type: ignore[attr-defined]
+    call.__signature__ = inspect.Signature(fixed)  # type: ignore[attr-defined]
     model.forward = call  # type: ignore[method-assign]
     try:
         yield
