@@ -54,6 +54,8 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--fail-rank", type=int, default=-1, help="this rank raises at step 2 (fault tests)")
     parser.add_argument("--hang-rank", type=int, default=-1, help="this rank stops answering at step 2 (fault tests)")
+    parser.add_argument("--signal-rank", type=int, default=-1, help="this rank signals itself at step 2 (fault tests)")
+    parser.add_argument("--signal", default="STOP", help="the signal --signal-rank sends itself: STOP or KILL")
     parser.add_argument("--resume", default="", help="load this checkpoint before the first forward")
     parser.add_argument("--save-at", type=int, default=-1, help="save a sharded checkpoint after this many steps")
     args = parser.parse_args()
@@ -64,6 +66,7 @@ def main() -> None:
             sabotage(case["sabotage"])
         started = time.perf_counter()
         result = rc.train_distributed(case, rank, fail_rank=args.fail_rank, hang_rank=args.hang_rank, resume=args.resume,
+                                      signal_rank=args.signal_rank, signal_name=args.signal,
                                       save_at=args.save_at, checkpoint_dir=out / f"{case['id']}-ckpt")
         result["wall_seconds"] = time.perf_counter() - started  # capture, planning and training of this case
         if rank == 0:
