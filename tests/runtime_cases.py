@@ -46,7 +46,13 @@ def no_dropout(model: nn.Module) -> nn.Module:
 
 def build(case: dict) -> tuple[nn.Module, tuple]:
     torch.manual_seed(case.get("seed", 0))
-    model, batch = {**ZOO, **IDIOM_MODELS}[case["model"]]()
+    local = {**ZOO, **IDIOM_MODELS}
+    if case["model"] in local:
+        model, batch = local[case["model"]]()
+    else:  # third-party models (tests/real_models.py, the `zoo` extra)
+        from real_models import REAL_MODELS
+
+        model, batch = REAL_MODELS[case["model"]]()
     return no_dropout(model), batch
 
 

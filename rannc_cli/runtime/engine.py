@@ -263,7 +263,7 @@ class Engine:
                 raise RanncError(f"stage {role[0]} needs parameters in {'train' if training else 'eval'} mode that "
                                  f"it does not hold in the other mode ({extra[0]})", hint="please report this model")
         if training:
-            self._batch_norm_note(bg)
+            self._batch_norm_note(stages)
         if role is not None:
             stages[role[0]].place(self.device)
             self._batch_norm(stages[role[0]], training)
@@ -283,23 +283,16 @@ class Engine:
         if self.batchnorm == "sync" and len(ranks) > 1:
             sync_batch_norm(stage.graph_module, self.groups[ranks])
 
-    def _batch_norm_note(self, bg: BlockGraph) -> None:
+    def _batch_norm_note(self, stages: list[StageModule]) -> None:
         """Rank 0 says once how BatchNorm statistics differ from one device under this plan."""
-        from rannc_cli.runtime.syncbn import batch_norm_nodes
+        from rannc_cli.runtime.batchnorm import slicing_warning
 
         assert self.plan is not None
-        if self.rank != 0 or self.constraints.quiet or not batch_norm_nodes(bg.captured.program.graph_module):
+        if self.rank != 0 or self.constraints.quiet:
             return
-        replicas = max(st.replicas for st in self.plan.stages)
-        m = self.plan.microbatches
-        if self.batchnorm == "local" and (replicas > 1 or m > 1):
-            print(f"rannc: note: BatchNorm statistics are computed per microbatch slice ({m} microbatch(es), up to "
-                  f"{replicas} replica(s) per stage), not over the whole batch; RaNNCModule(..., batchnorm='sync') "
-                  "or RANNC_BATCHNORM=sync shares them across a stage's replicas", file=sys.stderr, flush=True)
-        elif self.batchnorm == "sync" and m > 1:
-            print(f"rannc: note: batchnorm=sync shares BatchNorm statistics across replicas; each of the {m} "
-                  "microbatches is still normalised on its own (single-device numbers need microbatches=1)",
-                  file=sys.stderr, flush=True)
+        text = slicing_warning(stages, self.plan, self.batchnorm)
+        if text:
+            print(text, file=sys.stderr, flush=True)
 
     def _setup(self, bg: BlockGraph, args: tuple, kwargs: dict) -> None:
         """Plan (or load the plan), place parameters, make groups, trim the optimizer."""
