@@ -37,5 +37,6 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Every test gets its own profile cache and config file location."""
     base = tmp_path_factory.mktemp("rannc-home")
+    (base / "config.yaml").write_text("")  # RANNC_CONFIG must name a file that exists
     monkeypatch.setenv("RANNC_CACHE_DIR", str(base / "cache"))
     monkeypatch.setenv("RANNC_CONFIG", str(base / "config.yaml"))

@@ -60,8 +60,12 @@ def run_local(script: str | Path, script_args: list[str], nproc: int, stages: in
         raise RanncError(f"script {script} does not exist", hint="pass the path of your training script")
     if nproc < 1:
         raise RanncError(f"--nproc must be at least 1 (got {nproc})")
-    if schedule is not None and schedule not in ("1f1b", "gpipe"):
-        raise RanncError(f"--schedule {schedule!r} is not known", hint="use 1f1b or gpipe")
+    from rannc_cli.config import Settings, settings
+
+    for flag, name, value in (("--stages", "stages", stages), ("--microbatches", "microbatches", microbatches),
+                              ("--schedule", "schedule", schedule), ("--checkpoint", "checkpoint", checkpoint)):
+        if value is not None:
+            settings.check(name, value, flag)  # the registry's rule, before any worker starts
     if replicas is not None:
         if stages is not None and stages != len(replicas):
             raise RanncError(f"--stages {stages} but --replicas names {len(replicas)} stages",
@@ -84,6 +88,7 @@ def run_local(script: str | Path, script_args: list[str], nproc: int, stages: in
         if value is not None:
             base[key] = str(Path(value).resolve()) if key == "RANNC_PLAN" else str(value)
 
+    Settings(environ=base).check_all()  # what every worker will read, checked once here
     logs: list[IO[bytes]] = []
     if log_dir is not None:
         log_dir = Path(log_dir)
