@@ -269,6 +269,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             settings.check_all()  # a misspelt or invalid RANNC_* variable is refused before anything runs
         code = app(args=args, standalone_mode=False)
+        from rannc_cli.failures import flush_stdout
+
+        flush_stdout()
         if isinstance(code, int) and code:  # a command's typer.Exit(code), e.g. `rannc run`'s workers' code
             if code == 130:  # typer turns Ctrl-C into Exit(130)
                 typer.echo("interrupted", err=True)

@@ -214,7 +214,9 @@ class Settings:
                 try:
                     loaded = yaml.safe_load(path.read_text()) or {}
                 except yaml.YAMLError as exc:
-                    raise RanncError(f"config file {path} is not valid YAML ({' '.join(str(exc).split())[:200]})",
+                    from rannc_cli.fileio import yaml_problem
+
+                    raise RanncError(f"config file {path} is not valid YAML ({yaml_problem(exc)})",
                                      hint="fix or remove it") from None
                 except (OSError, UnicodeDecodeError) as exc:
                     raise RanncError(f"cannot read config file {path} ({getattr(exc, 'strerror', None) or exc})",

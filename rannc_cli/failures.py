@@ -37,25 +37,46 @@ _OS_HINTS = {
 }
 
 
-def os_error_line(exc: OSError, doing: str = "") -> str:
+def os_error_line(exc: OSError, doing: str = "", path: object = None) -> str:
     """``cannot write plan file p.yaml: No space left on device (ENOSPC); free space ...``.
 
         os_error_line(OSError(28, "No space left on device", "p.yaml"), "write plan file")
+
+    ``path`` (default: the exception's file name) is the file the user knows, e.g. the target
+    of an atomic write rather than its temporary file.
     """
     name = errno.errorcode.get(exc.errno or 0, "")
-    path = exc.filename if exc.filename is not None else ""
-    what = f"cannot {doing} {path}".rstrip() if doing else (f"{path}" if path else "operating system error")
+    path = path if path is not None else exc.filename if exc.filename is not None else ""
+    what = f"cannot {doing} {path}".rstrip() if doing else (f"{path}" if path else "system error")
     reason = exc.strerror or str(exc) or type(exc).__name__
     hint = _OS_HINTS.get(exc.errno or -1, "")
     line = f"{what}: {reason}" + (f" ({name})" if name else "")
     return line + (f"; {hint}" if hint else "")
 
 
-def os_error(exc: OSError, doing: str) -> RanncError:
-    """A RanncError for an OSError met while ``doing`` (e.g. "write profile file")."""
-    message = os_error_line(exc, doing)
+def os_error(exc: OSError, doing: str, path: object = None) -> RanncError:
+    """A RanncError for an OSError met while ``doing`` (e.g. "write profile file") on ``path``."""
+    message = os_error_line(exc, doing, path)
     text, _, hint = message.partition("; ")
     return RanncError(text, hint=hint or None, cause=exc)
+
+
+def silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's final flush of unwritable output is quiet."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def flush_stdout() -> None:
+    """Flush stdout now, so that a full disk or closed pipe is reported like any other error."""
+    try:
+        sys.stdout.flush()
+    except ValueError:  # stdout closed by the command itself
+        pass
 
 
 def _usage_classes() -> tuple[type, type]:
@@ -114,10 +135,15 @@ def report(exc: BaseException, command: str = "rannc") -> int:
         _echo(_usage_line(exc, usage_error, command))
         return int(getattr(exc, "exit_code", USER_ERROR) or USER_ERROR)
     if isinstance(exc, BrokenPipeError):  # `rannc jobs | head`: the reader left; not an error of ours
+        silence_stdout()
         return 1
     if isinstance(exc, OSError):
         _debug_traceback(exc)
-        _echo(f"error: {os_error_line(exc)}")
+        if exc.filename is None:  # most likely our own output (stdout to a full disk): stop writing there
+            silence_stdout()
+            _echo(f"error: {os_error_line(exc, 'write the output')}")
+        else:
+            _echo(f"error: {os_error_line(exc)}")
         return USER_ERROR
     if isinstance(exc, MemoryError):
         _echo("error: out of memory; close other programs or use a machine with more memory")

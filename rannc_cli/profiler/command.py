@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from rannc_cli.errors import RanncError
+from rannc_cli.fileio import data_format
 
 
 class _Progress:
@@ -103,6 +104,7 @@ def profile_command(*, script: Path, script_args: list[str], estimate: bool, dev
     if device_spec and not estimate:
         raise RanncError("--device-spec only applies to --estimate", hint="add --estimate or drop --device-spec")
     out = out or Path("rannc-profile.yaml")
+    data_format(out)  # refuse a suffix we cannot write before spending time on profiling
     progress = _Progress(quiet=as_json)
 
     def on_forward(model: Any, args: tuple, kwargs: dict) -> Any:

@@ -41,8 +41,15 @@ def _pump(stream: IO[bytes], out: IO[str] | None, prefix: str, lock: threading.L
     for raw in iter(stream.readline, b""):
         with lock:
             if log is not None:
-                log.write(raw)
-                log.flush()
+                try:
+                    log.write(raw)
+                    log.flush()
+                except OSError as exc:  # disk full: say so once, keep the terminal output going
+                    from rannc_cli.failures import os_error_line
+
+                    print(f"rannc run: {os_error_line(exc, 'write rank log', getattr(log, 'name', None))} "
+                          "(this rank's output continues on the terminal only)", file=sys.stderr, flush=True)
+                    log = None
             if out is not None:
                 line = raw.decode(errors="replace")
                 out.write(prefix + line if prefix else line)

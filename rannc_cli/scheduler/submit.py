@@ -18,13 +18,13 @@ from __future__ import annotations
 import hashlib
 import json
 import shlex
-import shutil
 from pathlib import Path
 from typing import Any
 
 import typer
 
 from rannc_cli.errors import RanncError
+from rannc_cli.fileio import copy_file_atomic, write_text_atomic
 from rannc_cli.scheduler.backend import get_backend
 from rannc_cli.scheduler.records import JobRecord, logs_dir
 from rannc_cli.scheduler.spec import JobSpec, hms, resolve_spec, slurm_time, validate_against
@@ -54,9 +54,7 @@ def cached_profile(key: str) -> Path | None:
 
 
 def store_cached_profile(key: str, profile: Path) -> None:
-    from rannc_cli.fileio import write_text_atomic
-
-    write_text_atomic(_cache_path(key), Path(profile).read_text())
+    copy_file_atomic(profile, _cache_path(key), what="profile cache entry")
 
 
 # ---------------------------------------------------------------------- rendering
@@ -131,6 +129,7 @@ def submit(*, script: Path, script_args: list[str], nodes: int, gpus: int, sched
     echo = (lambda *_: None) if quiet else typer.echo
 
     transport = open_transport(host)
+    rec = None
     try:
         notes: list[str] = []
         if dry_run and spec.backend != "local" and not transport.which("sbatch" if spec.backend == "slurm" else "qsub"):
@@ -161,13 +160,13 @@ def submit(*, script: Path, script_args: list[str], nodes: int, gpus: int, sched
         if not dry_run:
             rec.make_dir()
         if have_profile is not None and not dry_run:
-            shutil.copyfile(have_profile, rec.dir / "profile.yaml")
+            copy_file_atomic(have_profile, rec.dir / "profile.yaml", what="job profile")
             predicted = _plan_here(rec.dir, spec, quiet=True)
         elif have_profile is not None and dry_run:
             import tempfile
 
             with tempfile.TemporaryDirectory() as tmp:
-                shutil.copyfile(have_profile, Path(tmp) / "profile.yaml")
+                copy_file_atomic(have_profile, Path(tmp) / "profile.yaml", what="job profile")
                 predicted = _plan_here(Path(tmp), spec, quiet=True)
                 plan_text = (Path(tmp) / "plan.yaml").read_text()
         if dry_run:
@@ -187,8 +186,7 @@ def submit(*, script: Path, script_args: list[str], nodes: int, gpus: int, sched
             return None
 
         for fname, text in scripts.items():
-            (rec.dir / fname).write_text(text)
-            (rec.dir / fname).chmod(0o700)
+            write_text_atomic(rec.dir / fname, text, mode=0o700, what="job script")
         for phase in ("profile", "train"):
             (rec.dir / phase).mkdir(mode=0o700, exist_ok=True)
         if host:
@@ -242,8 +240,20 @@ def submit(*, script: Path, script_args: list[str], nodes: int, gpus: int, sched
 
             wait_for(rec, transport, backend, quiet=quiet)
         return rec
+    except BaseException:
+        _discard_if_unsubmitted(rec, dry_run)
+        raise
     finally:
         transport.close()
+
+
+def _discard_if_unsubmitted(rec: JobRecord | None, dry_run: bool) -> None:
+    """A submission that failed before any scheduler took a job leaves no half-made job folder."""
+    if rec is None or dry_run or any(ph.get("scheduler_id") for ph in rec.data["phases"].values()):
+        return
+    import shutil
+
+    shutil.rmtree(rec.dir, ignore_errors=True)
 
 
 def _plan_summary(plan_text: str) -> str:

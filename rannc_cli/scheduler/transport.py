@@ -27,7 +27,7 @@ class LocalTransport(LocalRunner):
     remote = False
 
     def write_text(self, path: str, text: str, mode: int = 0o600) -> None:
-        write_text_atomic(path, text, mode=mode)
+        write_text_atomic(path, text, mode=mode, what="job file")
 
     def read_text(self, path: str) -> str | None:
         try:
