@@ -151,6 +151,7 @@ REGISTRY: dict[str, Setting] = {
         Setting("remote_dir", "rannc-jobs", "rannc submit --host: folder for job folders on the login node (relative: under the remote home).", str),
         Setting("remote_python", "python3", "rannc submit --host: the Python that runs rannc and the script on the cluster (site configs may set submit.python).", str),
         Setting("templates_dir", "", "rannc submit: a folder of job script templates searched before templates/ (per backend: <dir>/slurm/train.sh.j2).", str),
+        Setting("profile_script_check", True, "rannc submit --profile: refuse a profile made from a script of another name (false: only the training job's graph check).", _parse_bool),
         Setting("pbs_directives_on_command_line", True, "rannc submit on PBS: repeat the script's #PBS directives as qsub options (needed by Slurm's PBS wrappers; harmless on PBS).", _parse_bool),
         # runtime (RaNNCModule under `rannc run`, torchrun, srun or mpiexec; docs/runtime.md)
         Setting("plan", "", "Runtime: plan file to run (`rannc plan --out`); empty means rank 0 profiles and plans at the first forward.", str),

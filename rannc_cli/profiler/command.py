@@ -127,6 +127,9 @@ def profile_command(*, script: Path, script_args: list[str], estimate: bool, dev
         prof, cached = run_until_first_forward(script, script_args, on_forward)
     finally:
         progress.close()
+    from rannc_cli.profiler.origin import stamp_script
+
+    stamp_script(prof, script)  # a cache hit may come from another script with the same model
     prof.save(out)
     from rannc_cli.profiler.report import render_table, summary
 

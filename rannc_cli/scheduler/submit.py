@@ -123,6 +123,11 @@ def submit(*, script: Path, script_args: list[str], nodes: int, gpus: int, sched
                         host=host, python=python)
     if profile is not None and not Path(profile).is_file():
         raise RanncError(f"--profile {profile} does not exist", hint="pass a file written by `rannc profile --out`")
+    profile_notes: list[str] = []
+    if profile is not None:
+        from rannc_cli.profiler.origin import check_profile_script
+
+        profile_notes = check_profile_script(Path(profile), script)
     local_script = script.resolve()
     key = profile_cache_key(spec, local_script)
     have_profile = Path(profile) if profile else (cached_profile(key) if use_cache else None)
@@ -131,7 +136,7 @@ def submit(*, script: Path, script_args: list[str], nodes: int, gpus: int, sched
     transport = open_transport(host)
     rec = None
     try:
-        notes: list[str] = []
+        notes: list[str] = list(profile_notes)
         if dry_run and spec.backend != "local" and not transport.which("sbatch" if spec.backend == "slurm" else "qsub"):
             notes.append(f"{spec.backend} commands not found on {transport.host}: the job was not checked against the cluster")
         elif dry_run:
