@@ -8,7 +8,6 @@ imports (torch) happen inside the commands, so ``rannc --help`` stays instant.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -16,7 +15,6 @@ from typing import List, Optional
 import typer
 
 from rannc_cli import __version__
-from rannc_cli.errors import RanncError
 
 app = typer.Typer(
     name="rannc",
@@ -268,7 +266,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             from rannc_cli.config import settings
 
             settings.check_all()  # a misspelt or invalid RANNC_* variable is refused before anything runs
-        code = app(args=args, standalone_mode=False)
+        code = app(args=args, prog_name="rannc", standalone_mode=False)
         from rannc_cli.failures import flush_stdout
 
         flush_stdout()
