@@ -173,7 +173,7 @@ def submit(
     script: Path = typer.Argument(..., help="Training script that wraps its model in RaNNCModule."),
     nodes: int = typer.Option(1, "--nodes", "-N", help="Nodes for the training job."),
     gpus: int = typer.Option(..., "--gpus", "-G", help="GPUs per node (local backend without GPUs: processes)."),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="slurm, pbs or local (default: the site's, else the `scheduler` setting, else local)."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Batch system: slurm, pbs, ... or local (default: the site's, else the `scheduler` setting, else local)."),
     site: Optional[str] = typer.Option(None, "--site", help="Site config (configs/<NAME>.yaml or a path): queue, account form, modules, limits."),
     host: Optional[str] = typer.Option(None, "--host", help="Submit on a login node over SSH: user@login.example[:port] or a ~/.ssh/config alias."),
     time_limit: Optional[str] = typer.Option(None, "--time", "-t", help="Time limit, e.g. 2:00:00, 1-00:00:00, 90m."),
