@@ -45,6 +45,13 @@ def _comma_ints_or_empty(text: str) -> str:
     return _comma_ints(text) if str(text).strip("[]() ") else ""
 
 
+def _existing_file_or_empty(text: str) -> str:
+    """A path to a file that exists (kept as given), or empty."""
+    if str(text).strip() and not Path(str(text)).expanduser().is_file():
+        raise ValueError(f"{text} is not a file")
+    return str(text).strip()
+
+
 def _memory_size(text: str) -> str:
     """``"4GiB"`` (kept as text) or empty; must read as a positive size."""
     if str(text).strip():
@@ -154,7 +161,7 @@ REGISTRY: dict[str, Setting] = {
         Setting("profile_script_check", True, "rannc submit --profile: refuse a profile made from a script of another name (false: only the training job's graph check).", _parse_bool),
         Setting("pbs_directives_on_command_line", True, "rannc submit on PBS: repeat the script's #PBS directives as qsub options (needed by Slurm's PBS wrappers; harmless on PBS).", _parse_bool),
         # runtime (RaNNCModule under `rannc run`, torchrun, srun or mpiexec; docs/runtime.md)
-        Setting("plan", "", "Runtime: plan file to run (`rannc plan --out`); empty means rank 0 profiles and plans at the first forward.", str),
+        Setting("plan", "", "Runtime: plan file to run (`rannc plan --out`); empty means rank 0 profiles and plans at the first forward.", parse=_existing_file_or_empty),
         Setting("stages", 0, "Runtime planning: force this many pipeline stages (0: the planner decides).", int, minimum=0),
         Setting("replicas", "", "Runtime planning: force replicas per stage, a comma list like 2,1,1 (implies stages).", parse=_comma_ints_or_empty),
         Setting("microbatches", 0, "Runtime planning: force this many microbatches (0: the planner decides).", int, minimum=0),
@@ -252,7 +259,7 @@ class Settings:
 
     def check(self, name: str, value: Any, origin: str | None = None) -> Any:
         """``value`` parsed and checked against the registry; ``origin`` (``--checkpoint``,
-        ``RANNC_STAGES``) names it in the error.
+        ``RANNC_STAGES``, or a form like ``RaNNCModule(checkpoint={})``) names it in the error.
 
             settings.check("checkpoint", "maybe", "--checkpoint")   # RanncError: --checkpoint='maybe' ...
         """
@@ -260,7 +267,8 @@ class Settings:
         try:
             return setting.convert(value)
         except ValueError as exc:
-            raise RanncError(f"{origin or setting.env_var}={value!r} is invalid: {exc}",
+            shown = origin.format(repr(value)) if origin and "{}" in origin else f"{origin or setting.env_var}={value!r}"
+            raise RanncError(f"{shown} is invalid: {exc}",
                              hint=f"`rannc config` lists every setting ({setting.name}: {setting.doc})") from None
 
     def value(self, name: str, override: Any = None, origin: str | None = None) -> Any:

@@ -45,6 +45,7 @@ ROWS = [
     ("reduction-choice", ["run", "--nproc", "2", "{mlp}"], {"RANNC_LOSS_REDUCTION": "median"}, 2, "expected one of mean, sum"),
     ("replicas-list", ["run", "--nproc", "2", "{mlp}"], {"RANNC_REPLICAS": "x,y"}, 2, "not a comma list of integers"),
     ("stages-int", ["run", "--nproc", "2", "{mlp}"], {"RANNC_STAGES": "abc"}, 2, "RANNC_STAGES='abc' is invalid"),
+    ("missing-plan", ["run", "--nproc", "2", "{mlp}"], {"RANNC_PLAN": "{missing}"}, 2, "RANNC_PLAN='{missing}' is invalid"),
     ("flag-choice", ["run", "--nproc", "2", "--checkpoint", "maybe", "{mlp}"], {}, 2, "--checkpoint='maybe' is invalid"),
     # files
     ("out-suffix", ["plan", "-p", "{prof}", "--nodes", "1", "--gpus", "2", "--out", "{dir}/plan.txt"], {}, 2,
@@ -325,3 +326,19 @@ def test_docs_table_lists_every_row():
     text = (ROOT / "docs" / "errors.md").read_text()
     for row in ROWS:
         assert f"`{row[0]}`" in text, f"docs/errors.md has no row for {row[0]}"
+
+
+@pytest.mark.parametrize("option,message", [
+    ({"checkpoint": "maybe"}, "RaNNCModule(checkpoint='maybe') is invalid: expected one of auto, on, off"),
+    ({"replicas": [2, 0]}, "RaNNCModule(replicas=[2, 0]) is invalid: every count must be at least 1"),
+    ({"schedule": "zigzag"}, "RaNNCModule(schedule='zigzag') is invalid: expected one of 1f1b, gpipe"),
+    ({"microbatches": -1}, "RaNNCModule(microbatches=-1) is invalid: expected an integer >= 0"),
+])
+def test_module_options_follow_the_settings_rules(option, message):
+    """RaNNCModule's options are checked by the same registry rules as the RANNC_* variables."""
+    from rannc_cli.errors import RanncError
+    from rannc_cli.runtime.planning import Constraints
+
+    with pytest.raises(RanncError) as info:
+        Constraints.from_settings(**option)
+    assert info.value.message == message

@@ -114,7 +114,7 @@ class Engine:
         self.rank, self.world = env.rank, env.world_size
         self.local_batches = bool(options.pop("local_batches", False))
         self.loss_reduction = str(settings.value("loss_reduction", options.pop("loss_reduction", None),
-                                                 "RaNNCModule(loss_reduction=...)"))
+                                                 "RaNNCModule(loss_reduction={})"))
         self.constraints = Constraints.from_settings(**options)
         if self.constraints.extra:
             raise RanncError(f"unknown RaNNCModule option(s): {', '.join(sorted(self.constraints.extra))}",

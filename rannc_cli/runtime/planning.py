@@ -37,7 +37,7 @@ class Constraints:
         from rannc_cli.config import settings
 
         def option(name: str) -> Any:  # a RaNNCModule option, checked by the registry's rule, else the setting
-            return settings.value(name, overrides.pop(name, None) or None, f"RaNNCModule({name}=...)")
+            return settings.value(name, overrides.pop(name, None) or None, f"RaNNCModule({name}={{}})")
 
         replicas = option("replicas") or None
         if isinstance(replicas, str):
@@ -50,8 +50,6 @@ class Constraints:
                   checkpoint=str(option("checkpoint")),
                   quiet=bool(overrides.pop("quiet", False)))
         if out.replicas is not None:
-            if min(out.replicas) < 1:
-                raise RanncError(f"replicas {out.replicas} must all be at least 1")
             if out.stages is not None and out.stages != len(out.replicas):
                 raise RanncError(f"{out.stages} stages but {len(out.replicas)} replica counts ({out.replicas})",
                                  hint="give one replica count per stage")
