@@ -140,6 +140,8 @@ def read_yaml(path: Path | str, what: str, create_hint: str) -> Any:
         text = path.read_text()
     except FileNotFoundError:
         raise RanncError(f"{what} {path} does not exist", hint=create_hint) from None
+    except IsADirectoryError:
+        raise RanncError(f"{what} {path} is a directory, not a file", hint=create_hint) from None
     except (OSError, UnicodeDecodeError) as exc:
         reason = getattr(exc, "strerror", None) or type(exc).__name__
         raise RanncError(f"cannot read {what} {path} ({reason})", hint=create_hint) from None
@@ -155,3 +157,18 @@ def read_yaml(path: Path | str, what: str, create_hint: str) -> Any:
     except yaml.YAMLError as exc:
         raise RanncError(f"{what} {path} is not valid YAML ({yaml_problem(exc)})",
                          hint=create_hint) from None
+
+
+def require_file(path: Path | str, what: str, hint: str) -> Path:
+    """Refuse a path that is missing or not a regular file, saying which (one RanncError line).
+
+        script = require_file("train.py", "script", "pass the path of your training script")
+    """
+    from rannc_cli.errors import RanncError
+
+    path = Path(path)
+    if path.is_dir():
+        raise RanncError(f"{what} {path} is a directory, not a file", hint=hint)
+    if not path.is_file():
+        raise RanncError(f"{what} {path} does not exist", hint=hint)
+    return path

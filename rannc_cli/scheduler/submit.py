@@ -24,7 +24,7 @@ from typing import Any
 import typer
 
 from rannc_cli.errors import RanncError
-from rannc_cli.fileio import copy_file_atomic, write_text_atomic
+from rannc_cli.fileio import copy_file_atomic, require_file, write_text_atomic
 from rannc_cli.scheduler.backend import backend_class
 from rannc_cli.scheduler.records import JobRecord, logs_dir
 from rannc_cli.scheduler.spec import JobSpec, hms, resolve_spec, slurm_time, validate_against
@@ -109,12 +109,11 @@ def submit(*, script: Path, script_args: list[str], nodes: int, gpus: int, sched
     spec = resolve_spec(script=script, script_args=script_args, nodes=nodes, gpus=gpus, scheduler=scheduler,
                         site=site, queue=queue, account=account, time=time_limit, name=name, env=env, device=device,
                         host=host, python=python)
-    if profile is not None and not Path(profile).is_file():
-        raise RanncError(f"--profile {profile} does not exist", hint="pass a file written by `rannc profile --out`")
     profile_notes: list[str] = []
     if profile is not None:
         from rannc_cli.profiler.origin import check_profile_script
 
+        require_file(profile, "--profile", "pass a file written by `rannc profile --out`")
         profile_notes = check_profile_script(Path(profile), script)
     local_script = script.resolve()
     key = profile_cache_key(spec, local_script)
