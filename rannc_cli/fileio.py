@@ -33,7 +33,9 @@ def atomic_path(path: Path | str, what: str = "file") -> Iterator[Path]:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         yield Path(tmp)
+        fsync_path(Path(tmp))  # the data is on disk before the name points at it
         os.replace(tmp, path)
+        fsync_path(path.parent)  # and the rename itself survives a crash
     except BaseException as exc:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
@@ -42,6 +44,21 @@ def atomic_path(path: Path | str, what: str = "file") -> Iterator[Path]:
 
             raise os_error(exc, f"write {what}", path) from None
         raise
+
+
+def fsync_path(path: Path | str) -> None:
+    """Flush a file's or a folder's content to disk (a folder: its entries, such as a rename).
+
+        fsync_path(folder)       # after os.replace(tmp, folder / "x")
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # some file systems refuse fsync on folders; a file's refusal is an error
+        if not (os.path.isdir(path) and exc.errno in (errno.EINVAL, errno.ENOTSUP, errno.EBADF)):
+            raise
+    finally:
+        os.close(fd)
 
 
 def write_text_atomic(path: Path | str, text: str, mode: int | None = None, what: str = "file") -> Path:
