@@ -8,7 +8,6 @@ imports (torch) happen inside the commands, so ``rannc --help`` stays instant.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -16,7 +15,6 @@ from typing import List, Optional
 import typer
 
 from rannc_cli import __version__
-from rannc_cli.errors import RanncError
 
 app = typer.Typer(
     name="rannc",
@@ -24,6 +22,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -248,34 +247,45 @@ def cancel_cmd(job: str = typer.Argument(..., help="Job id (or a prefix, the fol
     cancel_job(job)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point: run the app, turning RanncError into one clear line and exit code 2."""
-    try:
-        code = app(args=argv, standalone_mode=False)
-        if isinstance(code, int) and code:  # a command's typer.Exit(code), e.g. `rannc run`'s workers' code
-            return code
-    except RanncError as exc:
-        if exc.cause is not None and os.environ.get("RANNC_DEBUG"):
-            import traceback
+def _only_help(argv: List[str]) -> bool:
+    """`rannc`, `rannc --version`, `rannc plan --help`: answered whatever the settings say."""
+    return not argv or any(a in ("-h", "--help", "--version") for a in argv[: argv.index("--") if "--" in argv else None])
 
-            traceback.print_exception(exc.cause)
-        typer.echo(f"error: {exc.one_line()}", err=True)
-        return exc.exit_code
+
+def _command_typed(argv: List[str]) -> str:
+    """``rannc plan`` for ``['plan', '-p', 'x']``: the sub-command the user named, for `--help` pointers."""
+    names = {c.name or c.callback.__name__ for c in app.registered_commands if c.callback is not None}
+    first = next((a for a in argv if not a.startswith("-")), "")
+    return f"rannc {first}" if first in names else "rannc"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point: run the app; every failure is one ``error:`` line and an exit code (docs/errors.md)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if not _only_help(args):
+            from rannc_cli.config import settings
+
+            settings.check_all()  # a misspelt or invalid RANNC_* variable is refused before anything runs
+        code = app(args=args, prog_name="rannc", standalone_mode=False)
+        from rannc_cli.failures import flush_stdout
+
+        flush_stdout()
+        if isinstance(code, int) and code:  # a command's typer.Exit(code), e.g. `rannc run`'s workers' code
+            if code == 130:  # typer turns Ctrl-C into Exit(130)
+                typer.echo("interrupted", err=True)
+            return code
     except typer.Exit as exc:
         return exc.exit_code
     except typer.Abort:
         typer.echo("aborted", err=True)
         return 130
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        return 130
-    except Exception as exc:  # click usage errors come through here too
-        import click
+    except BaseException as exc:  # noqa: BLE001 - the one place that turns any failure into one line
+        if isinstance(exc, SystemExit):
+            raise
+        from rannc_cli.failures import report
 
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            return exc.exit_code
-        raise
+        return report(exc, _command_typed(args))
     return 0
 
 

@@ -95,7 +95,7 @@ def test_even_plan_places_replicas_on_consecutive_ranks():
 @pytest.mark.parametrize("flags,message", [
     (["--nproc", "2", "--replicas", "2,1"], "use 3 processes, --nproc is 2"),
     (["--nproc", "4", "--replicas", "2,1"], "give replica counts that sum to 4"),  # no rank left idle
-    (["--nproc", "2", "--schedule", "zigzag"], "schedule 'zigzag' is not known"),
+    (["--nproc", "2", "--schedule", "zigzag"], "--schedule='zigzag' is invalid"),
     (["--nproc", "2", "--stages", "3"], "--stages 3 must be between 1"),
 ])
 def test_run_rejects_bad_flags_in_one_line(flags, message):

@@ -43,7 +43,7 @@ def test_submit_over_ssh(slurm_login_node, tmp_path, mlp_profile):
 
 def test_unknown_host_key_is_refused(slurm_login_node, tmp_path, mlp_profile):
     home = slurm_login_node.client_home(tmp_path / "home", known=False)
-    env = {"HOME": str(home), "RANNC_LOGS_DIR": str(tmp_path / "logs")}
+    env = {"HOME": str(home), "RANNC_LOGS_DIR": str(tmp_path / "logs"), "RANNC_PROFILE_SCRIPT_CHECK": "0"}
     res = run_cli("submit", str(SCRIPTS / "ckpt_train.py"), "--scheduler", "slurm", "--host", slurm_login_node.target,
                   "--nodes", "1", "--gpus", "1", "--profile", str(mlp_profile), cwd=tmp_path, env=env, timeout=60)
     lines = [line for line in res.stderr.splitlines() if line.strip()]

@@ -154,6 +154,10 @@ def plan_command(profile: Path, nodes: int | None = None, gpus: int | None = Non
     from rannc_cli.planner.planner import make_plan
     from rannc_cli.profiler.format import Profile
 
+    if out is not None:
+        from rannc_cli.fileio import data_format
+
+        data_format(out)  # refuse a suffix we cannot write before the search
     prof = Profile.load(profile)
     cluster = _cluster(prof, nodes, gpus, mem_per_gpu, topology)
     if schedule is not None and schedule not in ("1f1b", "gpipe"):

@@ -14,7 +14,7 @@ from typing import Any
 
 from rannc_cli import __version__
 from rannc_cli.errors import RanncError
-from rannc_cli.fileio import read_yaml, write_text_atomic
+from rannc_cli.fileio import read_yaml, write_data_atomic
 from rannc_cli.planner.cluster import ClusterSpec
 from rannc_cli.planner.plan import Plan, StagePlan
 
@@ -52,12 +52,10 @@ def plan_to_dict(plan: Plan, block_names: list[str] | None = None) -> dict[str, 
 
 
 def save_plan(plan: Plan, path: Path | str, block_names: list[str] | None = None) -> Path:
-    import yaml
-
+    """Write the plan, YAML or JSON by the suffix (.yaml, .yml, .json), atomically."""
     header = ("# rannc plan (docs/plan-format.md). Devices are [node, gpu]; times in seconds, sizes in bytes.\n"
               "# The runtime refuses this plan for another profile (profile_hash) or cluster shape (cluster_fingerprint).\n")
-    return write_text_atomic(path, header + yaml.safe_dump(plan_to_dict(plan, block_names), sort_keys=False,
-                                                           default_flow_style=None, width=120))
+    return write_data_atomic(path, plan_to_dict(plan, block_names), header, what="plan file")
 
 
 def plan_from_dict(data: Any, source: str = "<plan>") -> Plan:

@@ -52,7 +52,7 @@ def store(profile: Profile, model_key: str | None = None) -> Path:
     if model_key:
         from rannc_cli.fileio import write_text_atomic
 
-        write_text_atomic(cache_dir() / "by-model" / model_key, profile.key + "\n")
+        write_text_atomic(cache_dir() / "by-model" / model_key, profile.key + "\n", what="profile cache entry")
     return path
 
 

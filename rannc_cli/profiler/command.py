@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from rannc_cli.errors import RanncError
-from rannc_cli.fileio import require_file
+from rannc_cli.fileio import data_format, require_file
 
 
 class _Progress:
@@ -103,6 +103,7 @@ def profile_command(*, script: Path, script_args: list[str], estimate: bool, dev
     if device_spec and not estimate:
         raise RanncError("--device-spec only applies to --estimate", hint="add --estimate or drop --device-spec")
     out = out or Path("rannc-profile.yaml")
+    data_format(out)  # refuse a suffix we cannot write before spending time on profiling
     progress = _Progress(quiet=as_json)
 
     def on_forward(model: Any, args: tuple, kwargs: dict) -> Any:
@@ -125,6 +126,9 @@ def profile_command(*, script: Path, script_args: list[str], estimate: bool, dev
         prof, cached = run_until_first_forward(script, script_args, on_forward)
     finally:
         progress.close()
+    from rannc_cli.profiler.origin import stamp_script
+
+    stamp_script(prof, script)  # a cache hit may come from another script with the same model
     prof.save(out)
     from rannc_cli.profiler.report import render_table, summary
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from rannc_cli.errors import RanncError
-from rannc_cli.fileio import read_yaml, write_text_atomic
+from rannc_cli.fileio import read_yaml, write_data_atomic
 
 FORMAT_NAME = "rannc-profile"
 FORMAT_VERSION = 1
@@ -197,15 +197,17 @@ class Profile:
             "parameters": {k: {f: v for f, v in asdict(x).items() if f != "name"} for k, x in self.parameters.items()},
         }
 
+    HEADER = ("# rannc profile (docs/profile-format.md). Times in seconds, sizes in bytes.\n"
+              "# Hand edits are allowed; `rannc plan` validates the file when it loads it.\n")
+
     def dumps(self) -> str:
         import yaml
 
-        header = ("# rannc profile (docs/profile-format.md). Times in seconds, sizes in bytes.\n"
-                  "# Hand edits are allowed; `rannc plan` validates the file when it loads it.\n")
-        return header + yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=120)
+        return self.HEADER + yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=120)
 
     def save(self, path: Path | str) -> Path:
-        return write_text_atomic(path, self.dumps())
+        """Write the profile, YAML or JSON by the suffix (.yaml, .yml, .json), atomically."""
+        return write_data_atomic(path, self.to_dict(), self.HEADER, what="profile file")
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "<profile>") -> "Profile":

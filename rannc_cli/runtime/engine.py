@@ -68,7 +68,8 @@ def _install_excepthook() -> None:
         if isinstance(exc, RanncError):
             import os
 
-            print(f"error: {exc.one_line()}", file=sys.stderr, flush=True)
+            if not getattr(exc, "silent", False):  # silent: another rank reports the same error
+                print(f"error: {exc.one_line()}", file=sys.stderr, flush=True)
             if exc.cause is not None and os.environ.get("RANNC_DEBUG"):
                 import traceback
 
@@ -118,12 +119,9 @@ class Engine:
         self.env = env
         self.rank, self.world = env.rank, env.world_size
         self.local_batches = bool(options.pop("local_batches", False))
-        self.loss_reduction = str(options.pop("loss_reduction", None) or settings.get("loss_reduction"))
-        if self.loss_reduction not in ("mean", "sum"):
-            raise RanncError(f"loss_reduction {self.loss_reduction!r} is not known", hint="use mean or sum")
-        self.batchnorm = str(options.pop("batchnorm", None) or settings.get("batchnorm"))
-        if self.batchnorm not in ("local", "sync"):
-            raise RanncError(f"batchnorm {self.batchnorm!r} is not known", hint="use local or sync")
+        self.loss_reduction = str(settings.value("loss_reduction", options.pop("loss_reduction", None),
+                                                 "RaNNCModule(loss_reduction={})"))
+        self.batchnorm = str(settings.value("batchnorm", options.pop("batchnorm", None), "RaNNCModule(batchnorm={})"))
         self.constraints = Constraints.from_settings(**options)
         if self.constraints.extra:
             raise RanncError(f"unknown RaNNCModule option(s): {', '.join(sorted(self.constraints.extra))}",

@@ -46,8 +46,15 @@ def _pump(stream: IO[bytes], out: IO[str] | None, prefix: str, lock: threading.L
     for raw in iter(stream.readline, b""):
         with lock:
             if log is not None:
-                log.write(raw)
-                log.flush()
+                try:
+                    log.write(raw)
+                    log.flush()
+                except OSError as exc:  # disk full: say so once, keep the terminal output going
+                    from rannc_cli.failures import os_error_line
+
+                    print(f"rannc run: {os_error_line(exc, 'write rank log', getattr(log, 'name', None))} "
+                          "(this rank's output continues on the terminal only)", file=sys.stderr, flush=True)
+                    log = None
             if out is not None:
                 line = raw.decode(errors="replace")
                 out.write(prefix + line if prefix else line)
@@ -64,8 +71,12 @@ def run_local(script: str | Path, script_args: list[str], nproc: int, stages: in
     require_file(script, "script", "pass the path of your training script")
     if nproc < 1:
         raise RanncError(f"--nproc must be at least 1 (got {nproc})")
-    if schedule is not None and schedule not in ("1f1b", "gpipe"):
-        raise RanncError(f"--schedule {schedule!r} is not known", hint="use 1f1b or gpipe")
+    from rannc_cli.config import Settings, settings
+
+    for flag, name, value in (("--stages", "stages", stages), ("--microbatches", "microbatches", microbatches),
+                              ("--schedule", "schedule", schedule), ("--checkpoint", "checkpoint", checkpoint)):
+        if value is not None:
+            settings.check(name, value, flag)  # the registry's rule, before any worker starts
     if replicas is not None:
         if stages is not None and stages != len(replicas):
             raise RanncError(f"--stages {stages} but --replicas names {len(replicas)} stages",
@@ -90,6 +101,7 @@ def run_local(script: str | Path, script_args: list[str], nproc: int, stages: in
         if value is not None:
             base[key] = str(Path(value).resolve()) if key == "RANNC_PLAN" else str(value)
 
+    Settings(environ=base).check_all()  # what every worker will read, checked once here
     logs: list[IO[bytes]] = []
     if log_dir is not None:
         log_dir = Path(log_dir)

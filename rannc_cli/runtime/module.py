@@ -34,6 +34,23 @@ from torch import nn
 from rannc_cli.runtime.hooks import current_hook
 
 
+def _check_settings(rank: int) -> None:
+    """Refuse bad RANNC_* settings before any rank does work: one line from rank 0, every rank exits 2.
+
+    Under `rannc run` the launcher already checked them; this covers torchrun, srun and mpiexec.
+    """
+    from rannc_cli.config import settings
+    from rannc_cli.errors import RanncError
+    from rannc_cli.runtime.engine import _install_excepthook
+
+    _install_excepthook()
+    try:
+        settings.check_all()
+    except RanncError as exc:
+        exc.silent = rank != 0  # every rank reads the same settings: rank 0 speaks for all
+        raise
+
+
 class RaNNCModule(nn.Module):
     """Wraps a module whose forward returns the loss; see the module docstring."""
 
@@ -51,6 +68,7 @@ class RaNNCModule(nn.Module):
         self._engine = None
         self._env = env if env is not None and env.world_size > 1 else None
         if self._env is not None:
+            _check_settings(self._env.rank)
             from rannc_cli.runtime.preempt import Preemption, checkpoint_root
 
             if checkpoint_root() is not None:

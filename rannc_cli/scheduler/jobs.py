@@ -247,7 +247,7 @@ def list_jobs(as_json: bool = False, limit: int = 20) -> None:
         rows.append({"id": rec.id, "name": rec.name, "backend": rec.backend + (f"@{rec.host}" if rec.host else ""),
                      "scheduler_ids": ids, "state": rec.state + (" (stale)" if rec.id in stale else ""),
                      "nodes": f"{spec.get('nodes', '?')}x{spec.get('gpus', '?')}", "elapsed": _elapsed(rec),
-                     "folder": str(rec.dir)})
+                     "folder": str(rec.dir), **({"unreadable": rec.unreadable} if rec.unreadable else {})})
     if as_json:
         import json
 
@@ -263,6 +263,9 @@ def list_jobs(as_json: bool = False, limit: int = 20) -> None:
                                                   "elapsed"]))
     for jid, why in stale.items():
         typer.echo(f"note: job {jid}: state not refreshed ({why})")
+    for rec in records:
+        if rec.unreadable:
+            typer.echo(f"note: job {rec.id}: {rec.unreadable}")
 
 
 # ---------------------------------------------------------------------- status

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         dep_code = _wait_dependency(Path(args.after_dir))
         if dep_code != 0:
             print(f"rannc: dependency {args.after_dir} ended with exit code {dep_code}; not running", flush=True)
-            (phase_dir / CANCELLED_BY_USER).write_text("dependency failed\n")
+            write_text_atomic(phase_dir / CANCELLED_BY_USER, "dependency failed\n", what="job state file")
             _write_exit(phase_dir, 1)
             return 1
     (phase_dir / "rannc-started").touch()

@@ -44,6 +44,7 @@ def make_private_dir(path: Path) -> Path:
 class JobRecord:
     dir: Path
     data: dict[str, Any] = field(default_factory=dict)
+    unreadable: str | None = None  # why job.yaml could not be read (see JobRecord.placeholder)
 
     # ------------------------------------------------------------------ creation and I/O
     @classmethod
@@ -72,18 +73,40 @@ class JobRecord:
             data = yaml.safe_load(path.read_text())
         except FileNotFoundError:
             raise RanncError(f"{folder} has no {RECORD}", hint="is it a rannc job folder?") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RanncError(f"cannot read {path} ({getattr(exc, 'strerror', None) or type(exc).__name__})") from None
         except yaml.YAMLError as exc:
-            raise RanncError(f"{path} is not valid YAML ({' '.join(str(exc).split())[:200]})") from None
+            from rannc_cli.fileio import yaml_problem
+
+            raise RanncError(f"{path} is not valid YAML ({yaml_problem(exc)})") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise RanncError(f"{path} is not a rannc job record")
+        phases = data.get("phases")
+        missing = [k for k in ("id", "name", "backend") if not isinstance(data.get(k), str)]
+        if not isinstance(phases, dict) or any(not isinstance(phases.get(p), dict) for p in PHASES):
+            missing.append("phases")
+        if missing:
+            raise RanncError(f"{path} lacks {', '.join(missing)}")
         return cls(Path(folder).resolve(), data)
+
+    @classmethod
+    def placeholder(cls, folder: Path, why: str) -> "JobRecord":
+        """A job whose job.yaml is unreadable: listed as UNKNOWN (id from the folder name), never refreshed."""
+        folder = Path(folder).resolve()
+        stem, _, short = folder.name.rpartition("-")
+        name = stem.split("-", 2)[2] if stem.count("-") >= 2 else folder.name
+        data = {"format": FORMAT, "version": VERSION, "id": short or folder.name, "name": name, "backend": "?",
+                "host": None, "remote_dir": None, "spec": {}, "phases": {p: {"state": "UNKNOWN"} for p in PHASES}}
+        return cls(folder, data, unreadable=why)
 
     def save(self) -> Path:
         import yaml
 
+        if self.unreadable is not None:
+            raise RanncError(f"job {self.id}: {self.unreadable}", hint="fix or remove that file")
         text = "# rannc job record (docs/scheduler.md); rewritten atomically by rannc submit/jobs/status/cancel\n"
         return write_text_atomic(self.dir / RECORD, text + yaml.safe_dump(self.data, sort_keys=False, width=120),
-                                 mode=0o600)
+                                 mode=0o600, what="job record")
 
     # ------------------------------------------------------------------ accessors
     @property
@@ -116,6 +139,8 @@ class JobRecord:
     @property
     def state(self) -> str:
         """The job's overall state: the first phase that failed, else the last one that started."""
+        if self.unreadable is not None:
+            return "UNKNOWN"
         phases = self.data["phases"]
         for p in PHASES:
             if phases[p].get("state") in ("FAILED", "CANCELLED", "TIMEOUT"):
@@ -131,6 +156,8 @@ class JobRecord:
 
     @property
     def final(self) -> bool:
+        if self.unreadable is not None:
+            return True  # nothing to refresh: the record says nothing
         return self.state in FINAL and self.data["phases"]["train"].get("state") in FINAL
 
 
@@ -141,7 +168,8 @@ def logs_dir() -> Path:
 
 
 def all_jobs(base: Path | None = None) -> list[JobRecord]:
-    """Every readable job record under ``base`` (default: the logs_dir setting), oldest first."""
+    """Every job record under ``base`` (default: the logs_dir setting), oldest first; an unreadable
+    job.yaml gives a placeholder record (state UNKNOWN, ``unreadable`` says why)."""
     base = base or logs_dir()
     out = []
     if not base.is_dir():
@@ -150,8 +178,8 @@ def all_jobs(base: Path | None = None) -> list[JobRecord]:
         if (child / RECORD).is_file():
             try:
                 out.append(JobRecord.load(child))
-            except RanncError:
-                continue
+            except RanncError as exc:
+                out.append(JobRecord.placeholder(child, exc.one_line()))
     return out
 
 
@@ -160,6 +188,14 @@ def find_job(ref: str, base: Path | None = None) -> JobRecord:
     path = Path(ref)
     if (path / RECORD).is_file():
         return JobRecord.load(path)
+    found = _find(ref, base)
+    if found.unreadable is not None:
+        raise RanncError(f"job {found.id}: {found.unreadable}",
+                         hint="fix or remove that file (the folder still holds the job's scripts and logs)")
+    return found
+
+
+def _find(ref: str, base: Path | None) -> JobRecord:
     jobs = all_jobs(base)
     exact = [j for j in jobs if ref in (j.id, j.dir.name)]
     if not exact:

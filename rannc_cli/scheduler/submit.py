@@ -18,14 +18,13 @@ from __future__ import annotations
 import hashlib
 import json
 import shlex
-import shutil
 from pathlib import Path
 from typing import Any
 
 import typer
 
 from rannc_cli.errors import RanncError
-from rannc_cli.fileio import require_file
+from rannc_cli.fileio import copy_file_atomic, require_file, write_text_atomic
 from rannc_cli.scheduler.backend import backend_class
 from rannc_cli.scheduler.records import JobRecord, logs_dir
 from rannc_cli.scheduler.spec import JobSpec, hms, resolve_spec, slurm_time, validate_against
@@ -53,9 +52,7 @@ def cached_profile(key: str) -> Path | None:
 
 
 def store_cached_profile(key: str, profile: Path) -> None:
-    from rannc_cli.fileio import write_text_atomic
-
-    write_text_atomic(_cache_path(key), Path(profile).read_text())
+    copy_file_atomic(profile, _cache_path(key), what="profile cache entry")
 
 
 # ---------------------------------------------------------------------- rendering
@@ -112,16 +109,21 @@ def submit(*, script: Path, script_args: list[str], nodes: int, gpus: int, sched
     spec = resolve_spec(script=script, script_args=script_args, nodes=nodes, gpus=gpus, scheduler=scheduler,
                         site=site, queue=queue, account=account, time=time_limit, name=name, env=env, device=device,
                         host=host, python=python)
+    profile_notes: list[str] = []
     if profile is not None:
+        from rannc_cli.profiler.origin import check_profile_script
+
         require_file(profile, "--profile", "pass a file written by `rannc profile --out`")
+        profile_notes = check_profile_script(Path(profile), script)
     local_script = script.resolve()
     key = profile_cache_key(spec, local_script)
     have_profile = Path(profile) if profile else (cached_profile(key) if use_cache else None)
     echo = (lambda *_: None) if quiet else typer.echo
 
     transport = open_transport(host)
+    rec = None
     try:
-        notes: list[str] = []
+        notes: list[str] = list(profile_notes)
         B = backend_class(spec.backend)
         if dry_run and B.remote_ok and not transport.which(B.submit_command):
             notes.append(f"{spec.backend} commands not found on {transport.host}: the job was not checked against the cluster")
@@ -151,13 +153,13 @@ def submit(*, script: Path, script_args: list[str], nodes: int, gpus: int, sched
         if not dry_run:
             rec.make_dir()
         if have_profile is not None and not dry_run:
-            shutil.copyfile(have_profile, rec.dir / "profile.yaml")
+            copy_file_atomic(have_profile, rec.dir / "profile.yaml", what="job profile")
             predicted = _plan_here(rec.dir, spec, quiet=True)
         elif have_profile is not None and dry_run:
             import tempfile
 
             with tempfile.TemporaryDirectory() as tmp:
-                shutil.copyfile(have_profile, Path(tmp) / "profile.yaml")
+                copy_file_atomic(have_profile, Path(tmp) / "profile.yaml", what="job profile")
                 predicted = _plan_here(Path(tmp), spec, quiet=True)
                 plan_text = (Path(tmp) / "plan.yaml").read_text()
         if dry_run:
@@ -177,8 +179,7 @@ def submit(*, script: Path, script_args: list[str], nodes: int, gpus: int, sched
             return None
 
         for fname, text in scripts.items():
-            (rec.dir / fname).write_text(text)
-            (rec.dir / fname).chmod(0o700)
+            write_text_atomic(rec.dir / fname, text, mode=0o700, what="job script")
         for phase in ("profile", "train"):
             (rec.dir / phase).mkdir(mode=0o700, exist_ok=True)
         if host:
@@ -227,8 +228,20 @@ def submit(*, script: Path, script_args: list[str], nodes: int, gpus: int, sched
 
             wait_for(rec, transport, backend, quiet=quiet)
         return rec
+    except BaseException:
+        _discard_if_unsubmitted(rec, dry_run)
+        raise
     finally:
         transport.close()
+
+
+def _discard_if_unsubmitted(rec: JobRecord | None, dry_run: bool) -> None:
+    """A submission that failed before any scheduler took a job leaves no half-made job folder."""
+    if rec is None or dry_run or any(ph.get("scheduler_id") for ph in rec.data["phases"].values()):
+        return
+    import shutil
+
+    shutil.rmtree(rec.dir, ignore_errors=True)
 
 
 def _plan_summary(plan_text: str) -> str:

@@ -27,7 +27,7 @@ class LocalTransport(LocalRunner):
     remote = False
 
     def write_text(self, path: str, text: str, mode: int = 0o600) -> None:
-        write_text_atomic(path, text, mode=mode)
+        write_text_atomic(path, text, mode=mode, what="job file")
 
     def read_text(self, path: str) -> str | None:
         try:
@@ -109,6 +109,10 @@ class SSHTransport:
             self._sftp.chmod(tmp, mode)
             self._sftp.posix_rename(tmp, path)
         except OSError as exc:
+            try:  # no half-written temporary file left on the login node (disk full, quota)
+                self._sftp.remove(tmp)
+            except OSError:
+                pass
             raise self._io("write", path, exc) from None
 
     def read_text(self, path: str) -> str | None:

@@ -20,8 +20,11 @@ def topology_command(scheduler: str | None = None, site: str | None = None, host
                      measure: bool = False, as_json: bool = False, out: Path | None = None,
                      partition: str | None = None, nodes: int | None = None, measure_procs: int | None = None,
                      measure_bytes: int | None = None) -> Topology:
+    from rannc_cli.fileio import data_format
     from rannc_cli.topology.discover import discover
 
+    out = out or Path("rannc-topology.yaml")
+    data_format(out)  # refuse a suffix we cannot write before discovery
     topo = discover(scheduler=scheduler, site=site, host=host, partition=partition, nodes=nodes)
     if measure:
         from rannc_cli.topology import measure as m

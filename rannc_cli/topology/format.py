@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from rannc_cli.errors import RanncError
-from rannc_cli.fileio import read_yaml, write_text_atomic
+from rannc_cli.fileio import read_yaml, write_data_atomic
 from rannc_cli.topology.fingerprint import cluster_fingerprint, node_shape
 
 FORMAT_NAME = "rannc-topology"
@@ -204,10 +204,8 @@ class Topology:
         return cls.from_dict(data, origin=f"topology file {path}")
 
     def save(self, path: Path | str) -> Path:
-        import yaml
-
-        text = yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=120)
-        return write_text_atomic(Path(path), text)
+        """Write the topology, YAML or JSON by the suffix (.yaml, .yml, .json), atomically."""
+        return write_data_atomic(Path(path), _plain(self.to_dict()), what="topology file")
 
 
 def _plain(value: Any) -> Any:

@@ -37,6 +37,33 @@ def parse_target(target: str) -> tuple[str | None, str, int | None]:
     return user or None, host, port
 
 
+def quiet_paramiko() -> None:
+    """Keep paramiko's transport-thread reports (``Exception (client): ...`` and their tracebacks,
+    ``Secsh channel 1 open FAILED``) off the terminal: rannc reports each failure in one line.
+    ``RANNC_DEBUG=1`` leaves them on."""
+    import logging
+    import threading
+
+    if os.environ.get("RANNC_DEBUG"):
+        return
+    log = logging.getLogger("paramiko")
+    log.setLevel(logging.CRITICAL + 1)
+    log.propagate = False
+    if not any(isinstance(h, logging.NullHandler) for h in log.handlers):
+        log.addHandler(logging.NullHandler())
+    previous = threading.excepthook
+    if getattr(previous, "_rannc_ssh", False):
+        return
+
+    def hook(args: "threading.ExceptHookArgs") -> None:  # a paramiko thread dying at exit is not news
+        if type(args.thread).__module__.startswith("paramiko"):
+            return
+        previous(args)
+
+    hook._rannc_ssh = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
+
+
 def _fingerprint(key) -> str:
     digest = hashlib.sha256(key.asbytes()).digest()
     return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
@@ -53,6 +80,7 @@ class SSHRunner:
     def connect(cls, target: str, timeout: float = 15.0) -> "SSHRunner":
         import paramiko
 
+        quiet_paramiko()
         user, host, port = parse_target(target)
         home = Path(os.path.expanduser("~"))
         cfg: dict = {}
@@ -113,9 +141,15 @@ class SSHRunner:
             client.close()
             raise RanncError(f"cannot resolve host {hostname!r} ({exc.strerror})",
                              hint="check the name or add it to ~/.ssh/config") from None
-        except (paramiko.SSHException, OSError) as exc:
+        except (paramiko.SSHException, OSError, EOFError) as exc:
             client.close()
-            raise RanncError(f"SSH to {shown} failed ({' '.join(str(exc).split()) or type(exc).__name__})") from None
+            text = " ".join(str(exc).split()) or type(exc).__name__
+            if "protocol banner" in text:
+                raise RanncError(f"{hostname}:{port} did not answer as an SSH server ({text})",
+                                 hint="check the host and port (an SSH login node listens on 22 unless the site "
+                                      "says otherwise)") from None
+            raise RanncError(f"SSH to {shown} failed ({text})",
+                             hint=f"`ssh -v -p {port} {user}@{hostname}` shows where it stops") from None
         return cls(client, shown)
 
     def run(self, argv: Sequence[str] | str, timeout: float = 60) -> Result:

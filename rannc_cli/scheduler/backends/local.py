@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from rannc_cli.errors import RanncError
+from rannc_cli.fileio import write_text_atomic
 from rannc_cli.scheduler.backend import CANCELLED_BY_USER, Backend, PhaseState, register
 
 PIDFILE = "rannc-pid"
@@ -85,7 +86,7 @@ class LocalBackend(Backend):
         finally:
             log.close()
         job_id = str(proc.pid)
-        (Path(phase_dir) / PIDFILE).write_text(job_id + "\n")
+        write_text_atomic(Path(phase_dir) / PIDFILE, job_id + "\n", what="job pid file")
         self._dirs[job_id] = phase_dir
         return job_id
 
