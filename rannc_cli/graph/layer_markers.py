@@ -1,6 +1,6 @@
 """Marker ops that let one export trace a run of identical layers only once.
 
-    with marked_run(template, stubs, run=0) as calls:
+    with marked_run(template, [(parent, "3"), ...], run=0) as calls:
         program = torch.export.export(model, args, kwargs, strict=False)
     # the template traced for real between rannc.enter / rannc.exit markers (one per tensor leaf);
     # every other member became one rannc.stub node: its tensor inputs in, the template's outputs out
@@ -147,20 +147,38 @@ def _stub_forward(run: int, member: int, record: TemplateCall) -> Any:
 
 
 @contextmanager
-def marked_run(template: nn.Module, stubs: list[nn.Module], run: int) -> Iterator[TemplateCall]:
-    """Patch the members' forwards for one export (see the module docstring); always restored."""
+def marked_run(template: nn.Module, stubs: list[tuple[nn.Module, str]], run: int) -> Iterator[TemplateCall]:
+    """Patch the template's forward and put ghosts with a stub forward in the other members'
+    places (``stubs``: (parent, attribute name)) for one export; always restored."""
     record = TemplateCall()
     _TEMPLATES[run] = record
-    classes = [(m, type(m)) for m in (template, *stubs)]
+    cls = type(template)
     try:
-        _set_forward(template, _template_forward(type(template), run, record))
-        for i, module in enumerate(stubs, start=1):
-            _set_forward(module, _stub_forward(run, i, record))
+        _set_forward(template, _template_forward(cls, run, record))
+        for i, (parent, name) in enumerate(stubs, start=1):
+            parent._modules[name] = _ghost(parent._modules[name], _stub_forward(run, i, record))
         yield record
     finally:
-        for module, cls in classes:
-            module.__class__ = cls
+        template.__class__ = cls
+        for parent, name in stubs:
+            original = getattr(parent._modules[name], "__dict__", {}).get("_rannc_original")
+            if original is not None:
+                parent._modules[name] = original
         _TEMPLATES.pop(run, None)
+
+
+def _ghost(module: nn.Module, forward: Any = None) -> nn.Module:
+    """A stand-in with the module's attributes and submodules (ghosts too) but no parameters or
+    buffers, so export neither lifts nor fakes them; with ``forward``, it is the stub."""
+    cls = type(module)
+    if forward is not None:
+        cls = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__,
+                                           "__qualname__": cls.__qualname__})
+    ghost = object.__new__(cls)
+    ghost.__dict__.update(module.__dict__)
+    ghost.__dict__.update(_parameters={}, _buffers={}, _non_persistent_buffers_set=set(), _rannc_original=module,
+                          _modules={k: _ghost(v) if v is not None else None for k, v in module._modules.items()})
+    return ghost
 
 
 def _set_forward(module: nn.Module, forward: Any) -> None:

@@ -23,6 +23,7 @@ buffer, or a value the parent computed before the run.
 from __future__ import annotations
 
 import operator
+import re
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 from torch.export import ExportedProgram
-from torch.export.graph_signature import ExportGraphSignature, InputKind, OutputSpec, TensorArgument
+from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, OutputSpec, TensorArgument
 
 from rannc_cli.graph.layer_markers import ENTER, EXIT, STUB, NotReusable, marked_run
 from rannc_cli.graph.repeats import Run, find_runs
@@ -47,9 +48,9 @@ def export_reusing_layers(model: nn.Module, args: tuple, kwargs: dict, dynamic_s
     if not runs:
         raise NotReusable("no run of structurally identical sibling modules")
     with ExitStack() as stack:
-        records = [stack.enter_context(marked_run(model.get_submodule(r.members[0]),
-                                                  [model.get_submodule(m) for m in r.members[1:]], i))
-                   for i, r in enumerate(runs)]
+        records = [stack.enter_context(marked_run(model.get_submodule(r.members[0]), [
+            (model.get_submodule(m.rpartition(".")[0]), m.rpartition(".")[2]) for m in r.members[1:]], i))
+            for i, r in enumerate(runs)]
         program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
         for i, (r, rec) in enumerate(zip(runs, records)):
             if rec.calls != 1 or sorted(rec.stub_calls) != list(range(1, len(r.members))):
@@ -59,7 +60,7 @@ def export_reusing_layers(model: nn.Module, args: tuple, kwargs: dict, dynamic_s
                 raise NotReusable(f"the template {r.members[0]} modifies a tensor in place")
         if has_mutations(program):
             program = program.run_decompositions({})
-        return stitch(program, model, runs)
+    return stitch(program, model, runs)
 
 
 def _is_mutation(node: fx.Node) -> bool:
@@ -157,20 +158,59 @@ def _moved_stack(meta: dict, template: str, member: str) -> dict:
     return {**meta, "nn_module_stack": moved}
 
 
-def _state_placeholders(program: ExportedProgram, model: nn.Module) -> tuple[dict[int, str], dict[str, Any]]:
-    """id(parameter or buffer) -> placeholder name, and placeholder name -> the tensor behind it."""
-    by_id: dict[int, str] = {}
-    tensor_of: dict[str, Any] = {}
-    for spec in program.graph_signature.input_specs:
-        if spec.kind == InputKind.PARAMETER:
-            obj = model.get_parameter(spec.target)
-        elif spec.kind == InputKind.BUFFER:
-            obj = model.get_buffer(spec.target)
-        else:
-            continue
-        by_id.setdefault(id(obj), spec.arg.name)
-        tensor_of[spec.arg.name] = obj
-    return by_id, tensor_of
+def _state_specs(program: ExportedProgram, model: nn.Module, runs: list[Run]) -> tuple[list[InputSpec], dict[str, fx.Node]]:
+    """The input specs the whole model's export has: every parameter, then every buffer, under
+    every name (``remove_duplicate=False``, as export lifts them), then the program's other inputs.
+    Members stood in by ghosts were not lifted; their new placeholders (returned: name -> the
+    placeholder whose meta they copy, the same tensor's or the template's twin's) are added."""
+    sig = program.graph_signature
+    old = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    existing = {(s.kind, s.target): s for s in sig.input_specs if s.kind in (InputKind.PARAMETER, InputKind.BUFFER)}
+    lifted: dict[int, str] = {}
+    for s in existing.values():
+        t = model.get_parameter(s.target) if s.kind == InputKind.PARAMETER else model.get_buffer(s.target)
+        lifted.setdefault(id(t), s.arg.name)
+    twin_of = {m: r.members[0] for r in runs for m in r.members[1:]}
+    taken = set(old)
+    specs: list[InputSpec] = []
+    added: dict[str, fx.Node] = {}
+    for kind, prefix, items in ((InputKind.PARAMETER, "p_", model.named_parameters(remove_duplicate=False)),
+                                (InputKind.BUFFER, "b_", model.named_buffers(remove_duplicate=False))):
+        for fqn, t in items:
+            spec = existing.pop((kind, fqn), None)
+            if spec is None:
+                like = lifted.get(id(t)) or _twin_placeholder(model, fqn, kind, twin_of, lifted)
+                name = _free_name(prefix + re.sub(r"[^0-9a-zA-Z_]", "_", fqn), taken)
+                owner, _, leaf = fqn.rpartition(".")
+                persistent = None if kind == InputKind.PARAMETER else \
+                    leaf not in model.get_submodule(owner)._non_persistent_buffers_set
+                spec = InputSpec(kind=kind, arg=TensorArgument(name=name), target=fqn, persistent=persistent)
+                added[name] = old[like]
+            specs.append(spec)
+    if existing:
+        raise NotReusable(f"the export lifted {next(iter(existing))[1]}, which the model does not name")
+    return specs + [s for s in sig.input_specs if s.kind not in (InputKind.PARAMETER, InputKind.BUFFER)], added
+
+
+def _twin_placeholder(model: nn.Module, fqn: str, kind: InputKind, twin_of: dict[str, str],
+                      lifted: dict[int, str]) -> str:
+    for member, template in twin_of.items():
+        if fqn.startswith(member + "."):
+            rel = fqn[len(member) + 1:]
+            t = model.get_submodule(template)
+            twin = t.get_parameter(rel) if kind == InputKind.PARAMETER else t.get_buffer(rel)
+            if id(twin) in lifted:
+                return lifted[id(twin)]
+    raise NotReusable(f"{fqn} was not lifted by the export and has no twin in a template")
+
+
+def _free_name(candidate: str, taken: set[str]) -> str:
+    name, i = candidate, 0
+    while name in taken:
+        i += 1
+        name = f"{candidate}_{i}"
+    taken.add(name)
+    return name
 
 
 def _member_state(template: nn.Module, member: nn.Module, reads: list[str], by_id: dict[int, str],
@@ -195,10 +235,16 @@ def _member_state(template: nn.Module, member: nn.Module, reads: list[str], by_i
 def stitch(program: ExportedProgram, model: nn.Module, runs: list[Run]) -> ExportedProgram:
     """Replace every stub by a copy of its template's ops and drop the markers (module docstring)."""
     graph = program.graph
-    by_id, tensor_of = _state_placeholders(program, model)
+    specs, added = _state_specs(program, model, runs)
+    by_id: dict[int, str] = {}
+    tensor_of: dict[str, Any] = {}
+    for spec in specs:
+        if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER):
+            t = model.get_parameter(spec.target) if spec.kind == InputKind.PARAMETER else model.get_buffer(spec.target)
+            by_id.setdefault(id(t), spec.arg.name)
+            tensor_of[spec.arg.name] = t
     symbols = _input_symbols(graph)
-    constants = {s.arg.name for s in program.graph_signature.input_specs
-                 if s.kind in (InputKind.CONSTANT_TENSOR, InputKind.CUSTOM_OBJ)}
+    constants = {s.arg.name for s in specs if s.kind in (InputKind.CONSTANT_TENSOR, InputKind.CUSTOM_OBJ)}
     regions, shared, state = [], [], []
     for i, r in enumerate(runs):
         region = _template_region(graph, i, r)
@@ -213,12 +259,22 @@ def stitch(program: ExportedProgram, model: nn.Module, runs: list[Run]) -> Expor
     new = fx.Graph()
     old_by_name = {n.name: n for n in graph.nodes}
     env: dict[fx.Node, fx.Node] = {}
+    placeholders: dict[str, fx.Node] = {}
+    for spec in specs:
+        name = spec.arg.name
+        if name in added:
+            placeholders[name] = new.placeholder(name)
+            placeholders[name].meta = dict(added[name].meta)
+        else:
+            placeholders[name] = env[old_by_name[name]] = new.node_copy(old_by_name[name])
     stub_outputs: dict[fx.Node, list[fx.Node]] = {}
     for n in graph.nodes:
+        if n.op == "placeholder":
+            continue
         if n.target in (ENTER, EXIT):
             env[n] = env[n.args[0]]
         elif n.target is STUB:
-            stub_outputs[n] = _copy_template(new, env, old_by_name, n, runs, regions, shared, state)
+            stub_outputs[n] = _copy_template(new, env, placeholders, old_by_name, n, runs, regions, shared, state)
         elif n.target is operator.getitem and n.args[0] in stub_outputs:
             env[n] = stub_outputs[n.args[0]][n.args[1]]
         else:
@@ -226,13 +282,17 @@ def stitch(program: ExportedProgram, model: nn.Module, runs: list[Run]) -> Expor
     sig = program.graph_signature
     outputs = [OutputSpec(kind=s.kind, arg=TensorArgument(name=env[old_by_name[s.arg.name]].name), target=s.target)
                if isinstance(s.arg, TensorArgument) else s for s in sig.output_specs]
-    new.lint()
+    state_dict, lifted_constants = dict(program.state_dict), dict(program.constants)
+    for spec in specs:
+        if spec.arg.name in added:
+            (state_dict if spec.persistent is not False else lifted_constants)[spec.target] = tensor_of[spec.arg.name]
     gm = fx.GraphModule(program.graph_module, new)
-    return program._update(gm, ExportGraphSignature(input_specs=list(sig.input_specs), output_specs=outputs))
+    return program._update(gm, ExportGraphSignature(input_specs=specs, output_specs=outputs), state_dict=state_dict,
+                           constants=lifted_constants)
 
 
-def _copy_template(new: fx.Graph, env: dict[fx.Node, fx.Node], old_by_name: dict[str, fx.Node], stub_node: fx.Node,
-                   runs: list[Run],
+def _copy_template(new: fx.Graph, env: dict[fx.Node, fx.Node], placeholders: dict[str, fx.Node],
+                   old_by_name: dict[str, fx.Node], stub_node: fx.Node, runs: list[Run],
                    regions: list[_Region], shared: list[set[fx.Node]], state: list[list[dict[str, str]]]) -> list[fx.Node]:
     run, member = stub_node.args[1], stub_node.args[2]
     region, r = regions[run], runs[run]
@@ -241,7 +301,7 @@ def _copy_template(new: fx.Graph, env: dict[fx.Node, fx.Node], old_by_name: dict
     for leaf, marker in region.enters.items():
         local[marker] = env[xs[leaf]]
     for ph, mine in state[run][member].items():
-        local[old_by_name[ph]] = env[old_by_name[mine]]
+        local[old_by_name[ph]] = placeholders[mine]
 
     def lookup(a: fx.Node) -> fx.Node:
         return local[a] if a in local else env[a]
