@@ -26,7 +26,7 @@ from conftest import load_example
 from rannc_cli.graph.blocks import build_blocks, graph_hash
 from rannc_cli.graph.capture import capture
 from rannc_cli.graph.repeats import find_runs
-from rannc_cli.graph.stages import build_stages, run_stages
+from rannc_cli.graph.stages import build_block_stages, build_stages, run_stages
 from runtime_cases import load_result
 from zoo import ZOO
 
@@ -224,3 +224,16 @@ def test_runtime_trains_the_same_with_either_capture(tmp_path):
         assert len(whole["losses"]) >= 3
         for key, value in whole["state"].items():
             assert torch.equal(value, reused["state"][key]), f"{case['id']}: {key} differs"
+
+
+def test_block_stages_are_those_of_build_stages():
+    """The profiler builds stage modules for one block per class only; they equal build_stages' ones."""
+    torch.manual_seed(0)
+    model, (args, kwargs) = MODELS["shared_norm_tied"]()
+    bg = build_blocks(capture(model, args, kwargs))
+    every = build_stages(bg, list(range(len(bg.blocks))))
+    some = build_block_stages(bg, [members[0] for members in bg.classes])
+    assert len(some) == len(bg.classes) < len(bg.blocks)
+    for b, stage in some.items():
+        assert (stage.input_names, stage.output_names, stage.graph_module.code) == \
+            (every[b].input_names, every[b].output_names, every[b].graph_module.code)

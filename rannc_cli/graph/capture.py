@@ -66,6 +66,10 @@ class CapturedModel:
     def node(self, name: str) -> fx.Node:
         return self._nodes[name]
 
+    @property
+    def nodes_by_name(self) -> dict[str, fx.Node]:
+        return self._nodes
+
     def __post_init__(self) -> None:
         self._nodes = {n.name: n for n in self.graph.nodes}
 
