@@ -286,9 +286,11 @@ def stitch(program: ExportedProgram, model: nn.Module, runs: list[Run]) -> Expor
     for spec in specs:
         if spec.arg.name in added:
             (state_dict if spec.persistent is not False else lifted_constants)[spec.target] = tensor_of[spec.arg.name]
-    gm = fx.GraphModule(program.graph_module, new)
-    return program._update(gm, ExportGraphSignature(input_specs=specs, output_specs=outputs), state_dict=state_dict,
-                           constants=lifted_constants)
+    return ExportedProgram(root=program.graph_module, graph=new,
+                           graph_signature=ExportGraphSignature(input_specs=specs, output_specs=outputs),
+                           state_dict=state_dict, range_constraints=program.range_constraints,
+                           module_call_graph=program.module_call_graph, example_inputs=program.example_inputs,
+                           constants=lifted_constants, verifiers=program.verifiers)
 
 
 def _copy_template(new: fx.Graph, env: dict[fx.Node, fx.Node], placeholders: dict[str, fx.Node],
