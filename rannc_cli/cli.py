@@ -88,6 +88,7 @@ def plan_cmd(
     replicas: Optional[str] = typer.Option(None, "--replicas", help="Force replicas per stage, e.g. 4,2,2 (implies --stages)."),
     microbatches: Optional[int] = typer.Option(None, "--microbatches", help="Force the number of microbatches."),
     schedule: Optional[str] = typer.Option(None, "--schedule", help="Force the schedule: 1f1b or gpipe."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Force activation checkpointing: auto (where a stage needs it), on or off."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the plan file (docs/plan-format.md)."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan, prediction and baselines as JSON."),
     timeline: Optional[Path] = typer.Option(None, "--timeline", help="Draw the simulated schedule to this PNG."),
@@ -100,7 +101,7 @@ def plan_cmd(
 
     plan_command(profile=profile, nodes=nodes, gpus=gpus, mem_per_gpu=mem_per_gpu, batch_size=batch_size,
                  topology=topology, stages=stages, replicas=replicas, microbatches=microbatches, schedule=schedule,
-                 out=out, as_json=as_json, timeline=timeline, explain=explain, exhaustive=exhaustive, evaluate=evaluate)
+                 checkpoint=checkpoint, out=out, as_json=as_json, timeline=timeline, explain=explain, exhaustive=exhaustive, evaluate=evaluate)
 
 
 # --------------------------------------------------------------------------- run
@@ -174,7 +175,7 @@ def submit(
     script: Path = typer.Argument(..., help="Training script that wraps its model in RaNNCModule."),
     nodes: int = typer.Option(1, "--nodes", "-N", help="Nodes for the training job."),
     gpus: int = typer.Option(..., "--gpus", "-G", help="GPUs per node (local backend without GPUs: processes)."),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="slurm, pbs or local (default: the site's, else the `scheduler` setting, else local)."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Batch system: slurm, pbs, ... or local (default: the site's, else the `scheduler` setting, else local)."),
     site: Optional[str] = typer.Option(None, "--site", help="Site config (configs/<NAME>.yaml or a path): queue, account form, modules, limits."),
     host: Optional[str] = typer.Option(None, "--host", help="Submit on a login node over SSH: user@login.example[:port] or a ~/.ssh/config alias."),
     time_limit: Optional[str] = typer.Option(None, "--time", "-t", help="Time limit, e.g. 2:00:00, 1-00:00:00, 90m."),

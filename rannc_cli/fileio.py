@@ -59,10 +59,27 @@ def read_yaml(path: Path | str, what: str, create_hint: str) -> Any:
         text = path.read_text()
     except FileNotFoundError:
         raise RanncError(f"{what} {path} does not exist", hint=create_hint) from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+    except IsADirectoryError:
+        raise RanncError(f"{what} {path} is a directory, not a file", hint=create_hint) from None
+    except (PermissionError, UnicodeDecodeError) as exc:
         raise RanncError(f"cannot read {what} {path} ({type(exc).__name__})", hint=create_hint) from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise RanncError(f"{what} {path} is not valid YAML ({' '.join(str(exc).split())[:200]})",
                          hint=create_hint) from None
+
+
+def require_file(path: Path | str, what: str, hint: str) -> Path:
+    """Refuse a path that is missing or not a regular file, saying which (one RanncError line).
+
+        script = require_file("train.py", "script", "pass the path of your training script")
+    """
+    from rannc_cli.errors import RanncError
+
+    path = Path(path)
+    if path.is_dir():
+        raise RanncError(f"{what} {path} is a directory, not a file", hint=hint)
+    if not path.is_file():
+        raise RanncError(f"{what} {path} does not exist", hint=hint)
+    return path

@@ -11,8 +11,8 @@ import pytest
 
 from conftest import run_cli
 from rannc_cli.errors import RanncError
-from rannc_cli.scheduler.pbs import job_state, parse_qstat_full, parse_qstat_json, parse_qsub
-from rannc_cli.scheduler.slurm import parse_sbatch, parse_squeue
+from rannc_cli.scheduler.backends.pbs import job_state, parse_qstat_full, parse_qstat_json, parse_qsub
+from rannc_cli.scheduler.backends.slurm import parse_sbatch, parse_squeue
 from testbed.scheduler import FAST, SCRIPTS, job_folder, make_profile, record
 
 DATA = Path(__file__).parent / "data" / "scheduler" / "pbs"

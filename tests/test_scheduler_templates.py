@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from rannc_cli.errors import RanncError
-from rannc_cli.scheduler.pbs import directive_options
+from rannc_cli.scheduler.backends.pbs import directive_options
 from rannc_cli.scheduler.spec import JobSpec, job_name, parse_time, resolve_spec, slurm_time
 from rannc_cli.scheduler.submit import render_scripts
 from rannc_cli.scheduler.templates import TemplateQuotingError, render

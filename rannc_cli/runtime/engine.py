@@ -280,6 +280,10 @@ class Engine:
             print(f"rannc: plan {len(self.plan.stages)} stage(s) [blocks {parts}], {self.plan.microbatches} "
                   f"microbatch(es), {self.plan.schedule}, {self.world} process(es), {self.device.type}",
                   file=sys.stderr, flush=True)
+            if self.plan.devices_used < self.world:  # say why some processes get no work
+                why = self.plan.predicted.get("idle_reason") or "the plan file leaves them idle"
+                print(f"rannc: {self.world - self.plan.devices_used} process(es) idle: {why}", file=sys.stderr,
+                      flush=True)
         assignment = [i for i, st in enumerate(self.plan.stages) for _ in range(st.start, st.end)]
         stages = build_stages(bg, assignment)
         holders: dict[int, set[int]] = {}

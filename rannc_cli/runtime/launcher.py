@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import IO
 
 from rannc_cli.errors import RanncError
+from rannc_cli.fileio import require_file
 
 PEER_LOST = 3
 
@@ -56,8 +57,7 @@ def run_local(script: str | Path, script_args: list[str], nproc: int, stages: in
               log_dir: str | Path | None = None) -> int:
     """Run ``script`` in ``nproc`` processes; return the exit code (see the module docstring)."""
     script = Path(script)
-    if not script.is_file():
-        raise RanncError(f"script {script} does not exist", hint="pass the path of your training script")
+    require_file(script, "script", "pass the path of your training script")
     if nproc < 1:
         raise RanncError(f"--nproc must be at least 1 (got {nproc})")
     if schedule is not None and schedule not in ("1f1b", "gpipe"):
@@ -66,13 +66,14 @@ def run_local(script: str | Path, script_args: list[str], nproc: int, stages: in
         if stages is not None and stages != len(replicas):
             raise RanncError(f"--stages {stages} but --replicas names {len(replicas)} stages",
                              hint="give one replica count per stage")
-        if sum(replicas) > nproc:
-            raise RanncError(f"--replicas {','.join(map(str, replicas))} needs {sum(replicas)} processes, "
-                             f"--nproc is {nproc}", hint="raise --nproc or lower the replica counts")
+        if sum(replicas) != nproc:  # every process runs a replica; none is left idle
+            raise RanncError(f"--replicas {','.join(map(str, replicas))} use {sum(replicas)} processes, --nproc is "
+                             f"{nproc}", hint=f"give replica counts that sum to {nproc}, or run with --nproc "
+                                              f"{sum(replicas)}")
     if stages is not None and not 1 <= stages <= nproc:
         raise RanncError(f"--stages {stages} must be between 1 and --nproc ({nproc})")
-    if plan is not None and not Path(plan).is_file():
-        raise RanncError(f"plan file {plan} does not exist", hint="create one with `rannc plan --out FILE`")
+    if plan is not None:
+        _check_plan_file(Path(plan), nproc, stages, replicas, microbatches, schedule)
 
     base = dict(os.environ)
     base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(nproc),
@@ -174,6 +175,22 @@ def run_local(script: str | Path, script_args: list[str], nproc: int, stages: in
     where = f" (see {Path(log_dir) / f'rank-{rank}.log'})" if log_dir is not None else ""
     print(f"rannc run: rank {rank} failed first (exit code {code}){where}{tail}", file=sys.stderr, flush=True)
     return code
+
+
+def _check_plan_file(plan: Path, nproc: int, stages: int | None, replicas: list[int] | None,
+                     microbatches: int | None, schedule: str | None) -> None:
+    """Refuse, before any worker starts, a plan file for another shape or contradicting forced flags."""
+    from rannc_cli.planner.forced import Forced
+    from rannc_cli.planner.planfile import check_forced, check_shape, load_plan
+
+    require_file(plan, "plan file", "create one with `rannc plan --out FILE`")
+    loaded = load_plan(plan)
+    made = loaded.cluster or {}
+    hint = None
+    if made.get("nodes") == 1 and made.get("gpus_per_node"):
+        hint = f"run it with --nproc {made['gpus_per_node']}, or make a plan with `rannc plan --nodes 1 --gpus {nproc}`"
+    check_shape(loaded, 1, nproc, str(plan), hint)
+    check_forced(loaded, Forced(stages, tuple(replicas) if replicas else None, microbatches, schedule), str(plan))
 
 
 def _reap(procs: list[subprocess.Popen], timeout: float) -> None:

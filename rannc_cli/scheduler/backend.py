@@ -1,9 +1,15 @@
-"""The interface every scheduler backend implements, and what they share.
+"""The interface every scheduler backend implements, what they share, and the registry.
 
     backend = get_backend("slurm", transport)
     job_id = backend.submit("/path/job/train.sh", depends_on="41", phase_dir="/path/job/train")
     backend.state(job_id, "/path/job/train")      # PhaseState("RUNNING", ...)
     backend.cancel(job_id)
+    backend_names()                               # ('local', 'pbs', 'slurm', ...)
+
+Backends are sibling modules of ``rannc_cli.scheduler.backends``; each registers its class with
+``@register``. Adding a batch system is one module there, one folder ``templates/<name>/`` and
+its golden tests: nothing else names the backends, and imports go one way (backends import this
+module, never the reverse; the registry finds them by listing the package).
 
 States are normalised to PENDING, RUNNING, REQUEUED, COMPLETED, FAILED, CANCELLED, TIMEOUT,
 UNKNOWN. A scheduler forgets finished jobs (Slurm without accounting, PBS without job
@@ -13,9 +19,14 @@ scheduler no longer knows the job, that file says how it ended.
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from rannc_cli.scheduler.spec import JobSpec
 
 from rannc_cli.errors import RanncError
 
@@ -26,19 +37,54 @@ CANCELLED_BY_USER = "rannc-cancelled"
 
 @dataclass
 class PhaseState:
+    """A phase's normalised state; ``reason`` is the scheduler's own words (pending reason, comment).
+
+    ``never`` is True when the scheduler says a pending job can never start as asked (Slurm
+    PartitionConfig, PBS "Can Never Run", Grid Engine "cannot run in any queue"): waiting is pointless."""
+
     state: str
     exit_code: int | None = None
     reason: str | None = None
     restarts: int = 0
+    never: bool = False
 
 
 class Backend(ABC):
-    """Submit a rendered script, ask a job's state, cancel it."""
+    """Submit a rendered script, ask a job's state, cancel it.
+
+    Class attributes describe the batch system to the rest of rannc: ``submit_command`` (what must
+    be on PATH), ``templates`` (the job scripts rendered from templates/<name>/) and ``queue_word``
+    (what users call a queue there)."""
 
     name = "abstract"
+    submit_command = ""
+    templates: tuple[str, ...] = ("profile.sh", "train.sh", "rank.sh")
+    queue_word = "queue"
+    remote_ok = True      # can submit on a login node over SSH (--host)
 
     def __init__(self, transport):
         self.t = transport
+
+    @classmethod
+    def for_spec(cls, transport, spec: "JobSpec") -> "Backend":
+        """The backend that submits ``spec``'s phases (the local one also enforces its time limit)."""
+        return cls(transport)
+
+    @staticmethod
+    @abstractmethod
+    def submit_argv(script: str, depends_on: str | None, phase_dir: str, script_text: str | None = None) -> list[str]:
+        """The command line that submits ``script`` (shown by --dry-run, run by submit)."""
+
+    @classmethod
+    def precheck(cls, spec: "JobSpec", runner) -> list[str]:
+        """Check the job fits what the cluster offers before anything is submitted; return notes.
+
+        Raises RanncError when it cannot fit. The default finds the submit command; backends that
+        can read the cluster's nodes override this (see rannc_cli.scheduler.precheck)."""
+        if not runner.which(cls.submit_command):
+            raise RanncError(f"{cls.submit_command} not found on {runner.host}",
+                             hint=f"is {cls.name} installed and on PATH there? (or pick another --scheduler, or --host)")
+        return [f"{cls.name}: the request was not checked against the cluster's nodes"]
 
     @abstractmethod
     def submit(self, script: str, depends_on: str | None, phase_dir: str) -> str:
@@ -98,17 +144,38 @@ def scheduler_message(text: str, rc: int) -> str:
     return " ".join(chosen.split())[:400]
 
 
+_REGISTRY: dict[str, type[Backend]] = {}
+
+
+def register(cls: type[Backend]) -> type[Backend]:
+    """Class decorator: make ``cls`` reachable as ``--scheduler cls.name``."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_all() -> None:
+    from rannc_cli.scheduler import backends
+
+    for info in pkgutil.iter_modules(backends.__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{backends.__name__}.{info.name}")
+
+
+def backend_names() -> tuple[str, ...]:
+    """Every registered backend's name, sorted."""
+    _load_all()
+    return tuple(sorted(_REGISTRY))
+
+
+def backend_class(name: str) -> type[Backend]:
+    """The registered class for ``name``; one clear error for an unknown one."""
+    if name not in _REGISTRY:
+        _load_all()
+    if name not in _REGISTRY:
+        raise RanncError(f"unknown scheduler {name!r}", hint=f"use {' | '.join(backend_names())}")
+    return _REGISTRY[name]
+
+
 def get_backend(name: str, transport) -> Backend:
-    if name == "slurm":
-        from rannc_cli.scheduler.slurm import SlurmBackend
-
-        return SlurmBackend(transport)
-    if name == "pbs":
-        from rannc_cli.scheduler.pbs import PBSBackend
-
-        return PBSBackend(transport)
-    if name == "local":
-        from rannc_cli.scheduler.local import LocalBackend
-
-        return LocalBackend(transport)
-    raise RanncError(f"unknown scheduler {name!r}", hint="use slurm, pbs or local")
+    """A backend instance for job-state queries and cancels."""
+    return backend_class(name)(transport)

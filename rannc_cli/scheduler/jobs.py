@@ -35,10 +35,6 @@ def open_for(rec: JobRecord):
 
 
 def backend_for(rec: JobRecord, transport) -> Backend:
-    if rec.backend == "local":
-        from rannc_cli.scheduler.local import LocalBackend
-
-        return LocalBackend(transport)
     return get_backend(rec.backend, transport)
 
 
@@ -58,6 +54,10 @@ def refresh(rec: JobRecord, transport, backend: Backend) -> bool:
                 ph[key] = value
             else:
                 ph.pop(key, None)
+        if st.never and st.state == "PENDING":
+            ph["never"] = True
+        else:
+            ph.pop("never", None)
         if st.restarts:
             ph["restarts"] = st.restarts
         if st.state in FINAL and not ph.get("ended"):
@@ -120,13 +120,19 @@ def wait_for(rec: JobRecord, transport, backend: Backend, quiet: bool = False, t
     while True:
         refresh(rec, transport, backend)
         for name in PHASES:
-            st = rec.phase(name).get("state", "NEW")
-            if shown.get(name) != st and st != "NEW":
-                shown[name] = st
+            ph = rec.phase(name)
+            st = ph.get("state", "NEW")
+            seen = f"{st} ({ph['reason']})" if st == "PENDING" and ph.get("reason") else st
+            if shown.get(name) != seen and st != "NEW":
+                shown[name] = seen
                 if not quiet:
-                    typer.echo(f"{_stamp()} {name}: {st}")
+                    typer.echo(f"{_stamp()} {name}: {seen}")
         if rec.phase("train").get("state") in FINAL:
             break
+        stuck = next((n for n in PHASES if rec.phase(n).get("never")), None)
+        if stuck:
+            raise RanncError(f"job {rec.id}'s {stuck} phase can never start: {rec.phase(stuck).get('reason')}",
+                             hint=f"ask for what the cluster offers (rannc topology), then rannc cancel {rec.id}")
         if timeout is not None and time.monotonic() - start > timeout:
             raise RanncError(f"job {rec.id} still {rec.state} after {timeout:.0f} s")
         time.sleep(interval)
@@ -259,6 +265,8 @@ def job_status(ref: str, as_json: bool = False) -> dict[str, Any]:
     for p in PHASES:
         ph = rec.phase(p)
         detail = ph.get("reason") or ph.get("where") or ph.get("source") or ""
+        if ph.get("never"):
+            detail = f"can never start: {detail}"
         if ph.get("restarts"):
             detail = (detail + "; " if detail else "") + f"requeued {ph['restarts']}x"
         rows.append([p, ph.get("scheduler_id", "-"), ph.get("state", "NEW"),

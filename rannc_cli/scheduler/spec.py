@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from rannc_cli.errors import RanncError
+from rannc_cli.fileio import require_file
 
-BACKENDS = ("slurm", "pbs", "local")
 DEVICES = ("auto", "cpu", "cuda")
 _NAME_OK = re.compile(r"[^A-Za-z0-9_.-]+")
 _DIRECTIVE_OK = re.compile(r"[A-Za-z0-9_.,:=+@/%-]+")
@@ -154,21 +154,24 @@ def resolve_spec(*, script: Path, script_args: list[str], nodes: int, gpus: int,
         raise RanncError(f"--gpus must be at least 1 (got {gpus})")
     if device not in DEVICES:
         raise RanncError(f"--device {device!r} is not one of {', '.join(DEVICES)}")
-    if not script.is_file():
-        raise RanncError(f"script {script} does not exist", hint="pass the path of your training script")
+    require_file(script, "script", "pass the path of your training script")
     if script.suffix != ".py":
         raise RanncError(f"script {script} is not a Python file", hint="pass a .py training script")
+    from rannc_cli.scheduler.backend import backend_names
+
     site_cfg = load_site(site) if site else None
     backend = scheduler or (site_cfg.scheduler if site_cfg else None) or settings.get("scheduler") or "local"
-    if backend not in BACKENDS:
+    names = backend_names()
+    if backend not in names:
         why = f" (site {site_cfg.name} uses {backend})" if site_cfg and not scheduler else ""
         raise RanncError(f"scheduler {backend!r} is not one rannc can submit to{why}",
-                         hint=f"use --scheduler {' | '.join(BACKENDS)}")
+                         hint=f"use --scheduler {' | '.join(names)}")
+    batch = [n for n in names if n != "local"]
     if backend == "local" and host:
-        raise RanncError("--host needs a scheduler on that host", hint="add --scheduler slurm or --scheduler pbs")
+        raise RanncError("--host needs a scheduler on that host", hint=f"add --scheduler {' | '.join(batch)}")
     if backend == "local" and nodes != 1:
         raise RanncError(f"the local backend runs on this machine only: --nodes {nodes} asked",
-                         hint="use --nodes 1, or --scheduler slurm|pbs for several nodes")
+                         hint=f"use --nodes 1, or --scheduler {'|'.join(batch)} for several nodes")
     sub = _site_submit(site_cfg)
     group = (site_cfg.groups[0] if site_cfg and site_cfg.groups else {}) or {}
     queue = queue or (site_cfg.raw.get("default_queue") if site_cfg else None)
@@ -237,73 +240,7 @@ def validate_against(spec: JobSpec, runner) -> list[str]:
     """Check the job fits the cluster as its scheduler reports it (through ``runner``).
 
     Returns notes; raises RanncError when too few nodes of the asked shape exist, or the time
-    limit exceeds the partition's."""
-    notes: list[str] = []
-    default = None
-    if spec.backend == "local":
-        gpus = _local_gpus()
-        if gpus and spec.gpus > gpus:
-            raise RanncError(f"--gpus {spec.gpus}: this machine has {gpus} GPU(s)")
-        if not gpus:
-            cpus = os.cpu_count() or 1
-            if spec.gpus > 4 * cpus:
-                raise RanncError(f"--gpus {spec.gpus}: no GPU here, and {spec.gpus} CPU processes on {cpus} cores "
-                                 "would crawl", hint=f"use at most {4 * cpus}")
-            notes.append(f"no GPU on this machine: {spec.gpus} CPU processes (gloo)")
-        return notes
-    submit_cmd = "sbatch" if spec.backend == "slurm" else "qsub"
-    if not runner.which(submit_cmd):
-        raise RanncError(f"{submit_cmd} not found on {runner.host}",
-                         hint=f"is {spec.backend} installed and on PATH there? (or pick another --scheduler, or --host)")
-    if spec.backend == "slurm":
-        from rannc_cli.topology import slurm as facts_mod
-    else:
-        from rannc_cli.topology import pbs as facts_mod  # type: ignore[no-redef]
-    if spec.backend == "pbs":
-        # PBS nodes name their queues only where the site sets resources_available.Qlist (or similar)
-        facts = facts_mod.discover(runner, None)
-        if spec.queue and any(n.get("partitions") for n in facts.nodes):
-            facts = facts_mod.discover(runner, spec.queue)
-        elif spec.queue:
-            notes.append(f"PBS nodes on {runner.host} do not name their queues: checked every node for queue {spec.queue}")
-    else:
-        facts = facts_mod.discover(runner, spec.queue)
-        default = next((p["name"] for p in facts.partitions if p.get("default")), None)
-        if not spec.queue and default:   # sbatch without --partition uses the default partition
-            facts.nodes = [n for n in facts.nodes if default in (n.get("partitions") or [default])]
-            notes.append(f"checked against the default partition {default}")
-    usable = [n for n in facts.nodes if n.get("available", True)]
-    fits = [n for n in usable if int(n.get("gpus") or 0) >= spec.gpus]
-    where = (f"{'partition' if spec.backend == 'slurm' else 'queue'} {spec.queue}" if spec.queue else
-             f"default partition {default}" if spec.backend == "slurm" and default else runner.host)
-    if len(fits) < spec.nodes:
-        shapes = sorted({int(n.get("gpus") or 0) for n in usable})
-        raise RanncError(f"{where} has {len(fits)} available node(s) with >= {spec.gpus} GPUs, "
-                         f"{spec.nodes} asked (GPUs per node there: {', '.join(map(str, shapes)) or 'none'})",
-                         hint="ask for fewer nodes or GPUs, or another --queue")
-    if spec.time_seconds and spec.backend == "slurm":
-        part = next((p for p in facts.partitions if p["name"] == spec.queue or (not spec.queue and p.get("default"))), None)
-        limit = _slurm_limit(part.get("max_time")) if part else None
-        if limit is not None and spec.time_seconds > limit:
-            raise RanncError(f"--time {hms(spec.time_seconds)} exceeds partition {part['name']}'s limit "
-                             f"{part.get('max_time')}", hint="ask for less time or another --queue")
-    return notes
+    limit exceeds the queue's. Each backend knows how to ask its scheduler (``Backend.precheck``)."""
+    from rannc_cli.scheduler.backend import backend_class
 
-
-def _slurm_limit(text: str | None) -> int | None:
-    if not text or text.lower() in ("infinite", "unlimited", "n/a"):
-        return None
-    try:
-        return parse_time(text)
-    except RanncError:
-        return None
-
-
-def _local_gpus() -> int:
-    try:
-        from rannc_cli.topology import nvml
-
-        gpus, _, _ = nvml.probe()
-        return len(gpus)
-    except Exception:  # noqa: BLE001 - no driver: a CPU machine
-        return 0
+    return backend_class(spec.backend).precheck(spec, runner)

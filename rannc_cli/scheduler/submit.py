@@ -25,12 +25,11 @@ from typing import Any
 import typer
 
 from rannc_cli.errors import RanncError
-from rannc_cli.scheduler.backend import get_backend
+from rannc_cli.fileio import require_file
+from rannc_cli.scheduler.backend import backend_class
 from rannc_cli.scheduler.records import JobRecord, logs_dir
 from rannc_cli.scheduler.spec import JobSpec, hms, resolve_spec, slurm_time, validate_against
 from rannc_cli.scheduler.templates import render
-
-SCRIPTS = ("profile.sh", "train.sh", "rank.sh")
 
 
 # ---------------------------------------------------------------------- submission-level profile cache
@@ -67,28 +66,18 @@ def render_scripts(spec: JobSpec, job_id: str, exec_dir: str, cache_key: str) ->
                            "slurm_time": slurm_time(spec.time_seconds) if spec.time_seconds else "",
                            "walltime": hms(spec.time_seconds) if spec.time_seconds else "",
                            "account_flag": account_flag}
-    out = {"profile.sh": render(spec.backend, "profile.sh.j2", {**ctx, "phase": "profile"}, spec.templates_dir),
-           "train.sh": render(spec.backend, "train.sh.j2", {**ctx, "phase": "train"}, spec.templates_dir)}
-    if spec.backend != "local":
-        out["rank.sh"] = render(spec.backend, "rank.sh.j2", {**ctx, "phase": "train"}, spec.templates_dir)
-    return out
+    return {fname: render(spec.backend, f"{fname}.j2", {**ctx, "phase": "profile" if fname == "profile.sh" else "train"},
+                          spec.templates_dir)
+            for fname in backend_class(spec.backend).templates}
 
 
 def submit_commands(spec: JobSpec, exec_dir: str, with_profile: bool, scripts: dict[str, str]) -> list[str]:
     """The scheduler commands submit() will run, for --dry-run."""
-    if spec.backend == "slurm":
-        from rannc_cli.scheduler.slurm import SlurmBackend as B
-        argv = [B.submit_argv(f"{exec_dir}/profile.sh", None, f"{exec_dir}/profile")] if with_profile else []
-        argv.append(B.submit_argv(f"{exec_dir}/train.sh", "<profile job id>" if with_profile else None,
-                                  f"{exec_dir}/train"))
-    elif spec.backend == "pbs":
-        from rannc_cli.scheduler.pbs import PBSBackend as B  # type: ignore[no-redef]
-        argv = [B.submit_argv(f"{exec_dir}/profile.sh", None, f"{exec_dir}/profile",
-                              scripts["profile.sh"])] if with_profile else []
-        argv.append(B.submit_argv(f"{exec_dir}/train.sh", "<profile job id>" if with_profile else None,
-                                  f"{exec_dir}/train", scripts["train.sh"]))
-    else:
-        argv = ([["bash", f"{exec_dir}/profile.sh"]] if with_profile else []) + [["bash", f"{exec_dir}/train.sh"]]
+    B = backend_class(spec.backend)
+    argv = [B.submit_argv(f"{exec_dir}/profile.sh", None, f"{exec_dir}/profile", scripts["profile.sh"])] \
+        if with_profile else []
+    argv.append(B.submit_argv(f"{exec_dir}/train.sh", "<profile job id>" if with_profile else None,
+                              f"{exec_dir}/train", scripts["train.sh"]))
     return [shlex.join(a) for a in argv]
 
 
@@ -123,8 +112,8 @@ def submit(*, script: Path, script_args: list[str], nodes: int, gpus: int, sched
     spec = resolve_spec(script=script, script_args=script_args, nodes=nodes, gpus=gpus, scheduler=scheduler,
                         site=site, queue=queue, account=account, time=time_limit, name=name, env=env, device=device,
                         host=host, python=python)
-    if profile is not None and not Path(profile).is_file():
-        raise RanncError(f"--profile {profile} does not exist", hint="pass a file written by `rannc profile --out`")
+    if profile is not None:
+        require_file(profile, "--profile", "pass a file written by `rannc profile --out`")
     local_script = script.resolve()
     key = profile_cache_key(spec, local_script)
     have_profile = Path(profile) if profile else (cached_profile(key) if use_cache else None)
@@ -133,7 +122,8 @@ def submit(*, script: Path, script_args: list[str], nodes: int, gpus: int, sched
     transport = open_transport(host)
     try:
         notes: list[str] = []
-        if dry_run and spec.backend != "local" and not transport.which("sbatch" if spec.backend == "slurm" else "qsub"):
+        B = backend_class(spec.backend)
+        if dry_run and B.remote_ok and not transport.which(B.submit_command):
             notes.append(f"{spec.backend} commands not found on {transport.host}: the job was not checked against the cluster")
         elif dry_run:
             try:
@@ -201,12 +191,7 @@ def submit(*, script: Path, script_args: list[str], nodes: int, gpus: int, sched
                 if (rec.dir / fname).is_file():
                     transport.write_text(f"{exec_dir}/{fname}", (rec.dir / fname).read_text(), 0o600)
 
-        if spec.backend == "local":
-            from rannc_cli.scheduler.local import LocalBackend
-
-            backend = LocalBackend(transport, spec.time_seconds, spec.signal_seconds)
-        else:
-            backend = get_backend(spec.backend, transport)
+        backend = B.for_spec(transport, spec)
         profile_id = None
         if have_profile is None:
             profile_id = backend.submit(f"{exec_dir}/profile.sh", None, f"{exec_dir}/profile")

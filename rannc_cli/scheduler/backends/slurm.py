@@ -13,7 +13,7 @@ cancels the training job instead of leaving it pending forever.
 
 from __future__ import annotations
 
-from rannc_cli.scheduler.backend import CANCELLED_BY_USER, Backend, PhaseState
+from rannc_cli.scheduler.backend import CANCELLED_BY_USER, Backend, PhaseState, register
 
 SLURM_STATES = {
     "PENDING": "PENDING", "CONFIGURING": "PENDING", "RESV_DEL_HOLD": "PENDING",
@@ -25,6 +25,17 @@ SLURM_STATES = {
     "CANCELLED": "CANCELLED", "REVOKED": "CANCELLED",
     "TIMEOUT": "TIMEOUT",
 }
+
+
+# squeue %r reasons that no amount of waiting changes (Slurm's "Job Reason Codes"); ReqNodeNotAvail
+# lists the down/drained nodes a job asked for by name.
+NEVER_REASONS = ("PartitionConfig", "BadConstraints", "ReqNodeNotAvail", "PartitionNodeLimit",
+                 "PartitionTimeLimit", "InvalidAccount", "InvalidQOS", "QOSMaxGRESPerJob", "AssocMaxJobsLimit")
+
+
+def never_starts(reason: str) -> bool:
+    """True for a pending reason that means the job can never start as submitted."""
+    return any(reason.startswith(r) for r in NEVER_REASONS)
 
 
 def parse_sbatch(stdout: str) -> str:
@@ -47,11 +58,34 @@ def parse_squeue(stdout: str) -> tuple[str, str] | None:
     return None
 
 
+@register
 class SlurmBackend(Backend):
     name = "slurm"
+    submit_command = "sbatch"
+    queue_word = "partition"
+
+    @classmethod
+    def precheck(cls, spec, runner) -> list[str]:
+        """Nodes of the partition (the default one when none is asked) and its time limit."""
+        from rannc_cli.scheduler.precheck import check_nodes, check_time, require_command
+        from rannc_cli.topology import slurm as slurm_facts
+
+        require_command(spec, runner, cls.submit_command)
+        notes: list[str] = []
+        facts = slurm_facts.discover(runner, spec.queue)
+        default = next((p["name"] for p in facts.partitions if p.get("default")), None)
+        if not spec.queue and default:   # sbatch without --partition uses the default partition
+            facts.nodes = [n for n in facts.nodes if default in (n.get("partitions") or [default])]
+            notes.append(f"checked against the default partition {default}")
+        where = f"partition {spec.queue}" if spec.queue else f"default partition {default}" if default else runner.host
+        check_nodes(spec, facts.nodes, where)
+        part = next((p for p in facts.partitions if p["name"] == spec.queue or (not spec.queue and p.get("default"))), None)
+        if part:
+            check_time(spec, part.get("max_time"), f"partition {part['name']}")
+        return notes
 
     @staticmethod
-    def submit_argv(script: str, depends_on: str | None, phase_dir: str) -> list[str]:
+    def submit_argv(script: str, depends_on: str | None, phase_dir: str, script_text: str | None = None) -> list[str]:
         argv = ["sbatch", "--parsable", f"--output={phase_dir}/batch-%j.log", f"--chdir={phase_dir}"]
         if depends_on:
             argv += [f"--dependency=afterok:{depends_on}", "--kill-on-invalid-dep=yes"]
@@ -84,7 +118,8 @@ class SlurmBackend(Backend):
             return PhaseState(state, code, reason=None if reason in ("None", "") else reason, restarts=restarts)
         if state == "PENDING" and reason == "DependencyNeverSatisfied":
             return PhaseState("CANCELLED", reason="its dependency failed", restarts=restarts)
-        return PhaseState(state, reason=None if reason in ("None", "") else reason, restarts=restarts)
+        return PhaseState(state, reason=None if reason in ("None", "") else reason, restarts=restarts,
+                          never=state == "PENDING" and never_starts(reason))
 
     def cancel(self, job_id: str) -> None:
         self.run_checked(["scancel", job_id], "scancel")

@@ -21,14 +21,40 @@ import time
 from pathlib import Path
 
 from rannc_cli.errors import RanncError
-from rannc_cli.scheduler.backend import CANCELLED_BY_USER, Backend, PhaseState
+from rannc_cli.scheduler.backend import CANCELLED_BY_USER, Backend, PhaseState, register
 
 PIDFILE = "rannc-pid"
 STARTED = "rannc-started"
 
 
+@register
 class LocalBackend(Backend):
     name = "local"
+    submit_command = "bash"
+    templates = ("profile.sh", "train.sh")
+    remote_ok = False
+
+    @classmethod
+    def for_spec(cls, transport, spec) -> "LocalBackend":
+        return cls(transport, spec.time_seconds, spec.signal_seconds)
+
+    @staticmethod
+    def submit_argv(script: str, depends_on: str | None, phase_dir: str, script_text: str | None = None) -> list[str]:
+        return ["bash", script]
+
+    @classmethod
+    def precheck(cls, spec, runner) -> list[str]:
+        """This machine's GPUs, or a bound on CPU processes where it has none."""
+        gpus = _local_gpus()
+        if gpus and spec.gpus > gpus:
+            raise RanncError(f"--gpus {spec.gpus}: this machine has {gpus} GPU(s)")
+        if gpus:
+            return []
+        cpus = os.cpu_count() or 1
+        if spec.gpus > 4 * cpus:
+            raise RanncError(f"--gpus {spec.gpus}: no GPU here, and {spec.gpus} CPU processes on {cpus} cores "
+                             "would crawl", hint=f"use at most {4 * cpus}")
+        return [f"no GPU on this machine: {spec.gpus} CPU processes (gloo)"]
 
     def __init__(self, transport, time_seconds: int | None = None, signal_seconds: int = 120):
         if getattr(transport, "remote", False):
@@ -120,3 +146,13 @@ class LocalBackend(Backend):
             os.killpg(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def _local_gpus() -> int:
+    try:
+        from rannc_cli.topology import nvml
+
+        gpus, _, _ = nvml.probe()
+        return len(gpus)
+    except Exception:  # noqa: BLE001 - no driver: a CPU machine
+        return 0

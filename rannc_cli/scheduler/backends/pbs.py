@@ -20,7 +20,7 @@ import re
 import shlex
 from typing import Any
 
-from rannc_cli.scheduler.backend import CANCELLED_BY_USER, Backend, PhaseState
+from rannc_cli.scheduler.backend import CANCELLED_BY_USER, Backend, PhaseState, register
 
 # job_state letters (PBS Pro reference guide, "Job States"; C is Torque's completed).
 PBS_STATES = {
@@ -112,8 +112,27 @@ def directive_options(script_text: str) -> list[str]:
     return out + (["-l", ",".join(resources)] if resources else [])
 
 
+@register
 class PBSBackend(Backend):
     name = "pbs"
+    submit_command = "qsub"
+
+    @classmethod
+    def precheck(cls, spec, runner) -> list[str]:
+        """Nodes from pbsnodes; PBS nodes name their queues only where the site sets
+        resources_available.Qlist (or similar), else every node is checked."""
+        from rannc_cli.scheduler.precheck import check_nodes, require_command
+        from rannc_cli.topology import pbs as pbs_facts
+
+        require_command(spec, runner, cls.submit_command)
+        notes: list[str] = []
+        facts = pbs_facts.discover(runner, None)
+        if spec.queue and any(n.get("partitions") for n in facts.nodes):
+            facts = pbs_facts.discover(runner, spec.queue)
+        elif spec.queue:
+            notes.append(f"PBS nodes on {runner.host} do not name their queues: checked every node for queue {spec.queue}")
+        check_nodes(spec, facts.nodes, f"queue {spec.queue}" if spec.queue else runner.host)
+        return notes
 
     @staticmethod
     def submit_argv(script: str, depends_on: str | None, phase_dir: str, script_text: str | None = None) -> list[str]:
