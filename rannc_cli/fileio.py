@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from contextlib import contextmanager
@@ -25,11 +26,28 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        fsync_path(Path(tmp))  # the data is on disk before the name points at it
         os.replace(tmp, path)
+        fsync_path(path.parent)  # and the rename itself survives a crash
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def fsync_path(path: Path | str) -> None:
+    """Flush a file's or a folder's content to disk (a folder: its entries, such as a rename).
+
+        fsync_path(folder)       # after os.replace(tmp, folder / "x")
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # some file systems refuse fsync on folders; a file's refusal is an error
+        if not (os.path.isdir(path) and exc.errno in (errno.EINVAL, errno.ENOTSUP, errno.EBADF)):
+            raise
+    finally:
+        os.close(fd)
 
 
 def write_text_atomic(path: Path | str, text: str, mode: int | None = None) -> Path:

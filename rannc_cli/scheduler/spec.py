@@ -109,6 +109,7 @@ class JobSpec:
     max_requeues: int = 3
     host: str | None = None
     templates_dir: str | None = None  # a site's own templates, searched before templates/
+    mpi: str | None = None           # the site's MPI launcher (``submit: mpi:``, e.g. "mpirun"); None: the backend's own
 
     def summary(self) -> str:
         where = f" on {self.host}" if self.host else ""
@@ -226,6 +227,7 @@ def resolve_spec(*, script: Path, script_args: list[str], nodes: int, gpus: int,
         max_requeues=int(settings.get("max_requeues")),
         host=host,
         templates_dir=str(templates_dir) if templates_dir else None,
+        mpi=str(sub["mpi"]) if sub.get("mpi") else None,
     )
     if spec.time_seconds and site_cfg is not None and sub.get("max_time"):
         limit = parse_time(str(sub["max_time"]))
