@@ -131,6 +131,7 @@ REGISTRY: dict[str, Setting] = {
     for s in [
         Setting("cache_dir", str(Path.home() / ".cache" / "rannc"), "Where profiles (and later plans) are cached."),
         Setting("logs_dir", "logs", "Folder holding one sub-folder per job."),
+        Setting("capture_reuse_layers", True, "Capture: trace each run of identical sibling layers once and copy its graph (false: export the whole model; docs/capture.md).", _parse_bool),
         Setting("block_target", 64, "Capture: split modules until about this many atomic blocks exist.", int, minimum=1),
         Setting("profile_warmup", 2, "Profiling: untimed warm-up runs per block and microbatch size.", int, minimum=0),
         Setting("profile_repeats", 5, "Profiling: timed runs per block and size; the median is kept.", int, minimum=1),

@@ -57,6 +57,7 @@ class CapturedModel:
     loss_node: str
     aliases: dict[str, list[str]] = field(default_factory=dict)  # canonical name -> other names (tied)
     training: bool = True
+    method: str = "whole model"  # how it was exported: "whole model" or "reused layers" (graph/reuse.py)
 
     @property
     def graph(self) -> fx.Graph:
@@ -64,6 +65,10 @@ class CapturedModel:
 
     def node(self, name: str) -> fx.Node:
         return self._nodes[name]
+
+    @property
+    def nodes_by_name(self) -> dict[str, fx.Node]:
+        return self._nodes
 
     def __post_init__(self) -> None:
         self._nodes = {n.name: n for n in self.graph.nodes}
@@ -180,9 +185,17 @@ def guess_batch_size(args: tuple, kwargs: dict) -> int:
     return max(sizes, key=lambda s: (sizes.count(s), -sizes.index(s)))
 
 
-def capture(model: nn.Module, args: tuple, kwargs: dict | None = None, dynamic: bool = True) -> CapturedModel:
-    """Export ``model(*args, **kwargs)`` (which must return a scalar loss) to a functional ATen graph."""
+def capture(model: nn.Module, args: tuple, kwargs: dict | None = None, dynamic: bool = True,
+            reuse_layers: bool | None = None) -> CapturedModel:
+    """Export ``model(*args, **kwargs)`` (which must return a scalar loss) to a functional ATen graph.
+    ``reuse_layers`` (default: setting capture_reuse_layers) traces repeated layers once (graph/reuse.py)."""
     from rannc_cli.graph.diagnose import diagnose_export_failure, module_tracker
+    from rannc_cli.graph.reuse import try_export_reusing_layers
+
+    if reuse_layers is None:
+        from rannc_cli.config import settings
+
+        reuse_layers = bool(settings.get("capture_reuse_layers"))
 
     kwargs = dict(kwargs or {})
     args = tuple(args)
@@ -193,6 +206,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict | None = None, dynamic: 
         lambda t: t.detach().clone(memory_format=torch.contiguous_format).requires_grad_(t.requires_grad)
         if isinstance(t, torch.Tensor) else t, (args, kwargs))
     program = None
+    method = "whole model"
     with warnings.catch_warnings(), quiet_torch_logs():
         warnings.simplefilter("ignore")
         # "tied": every batch-sized input shares one batch symbol; "auto": export picks per input
@@ -207,6 +221,10 @@ def capture(model: nn.Module, args: tuple, kwargs: dict | None = None, dynamic: 
                         _dynamic_batch_spec(model.forward, args, kwargs, batch_size, tied=attempt == "tied")
             except TypeError as exc:
                 raise RanncError(f"the model's forward does not accept these arguments ({exc})") from None
+            if reuse_layers:
+                program, method = try_export_reusing_layers(model, args, kwargs, dyn)
+                if program is not None:
+                    break
             tracker = module_tracker(model)
             try:
                 with tracker, explicit_forward(model, args, kwargs):
@@ -224,7 +242,9 @@ def capture(model: nn.Module, args: tuple, kwargs: dict | None = None, dynamic: 
             assert last_error is not None
             raise diagnose_export_failure(last_error, [], model) from None
     relax_views(program)
+    logging.getLogger(__name__).debug("capture of %s: %s", type(model).__name__, method)
     captured = _describe_program(model, program, args, kwargs, batch_size)
+    captured.method = "reused layers" if method.startswith("reused") else "whole model"
     if attempt == "auto":
         _refuse_untied_batch_inputs(captured, tied_error)
     return captured

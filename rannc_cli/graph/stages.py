@@ -134,11 +134,28 @@ def build_stages(bg: BlockGraph, assignment: Sequence[int]) -> list[StageModule]
     return stages
 
 
+def build_block_stages(bg: BlockGraph, ids: Iterable[int]) -> dict[int, StageModule]:
+    """The stage modules ``build_stages(bg, range(len(bg.blocks)))`` makes for blocks ``ids``, without
+    building the others (the profiler needs one block per class)."""
+    captured = bg.captured
+    order = {n.name: i for i, n in enumerate(captured.graph.nodes)}
+    consumed = {v for b in bg.blocks for v in b.inputs}
+    out = {}
+    for b in ids:
+        block = bg.blocks[b]
+        own = set(block.owned)
+        inputs = sorted(dict.fromkeys(v for v in block.inputs if v not in own), key=order.__getitem__)
+        outputs = sorted({v for v in block.owned if v in consumed} | ({captured.loss_node} & own), key=order.__getitem__)
+        out[b] = _make_stage(bg, b, [b], sorted(own | set(block.floating), key=order.__getitem__), inputs, outputs,
+                             list(block.buffer_updates))
+    return out
+
+
 def _make_stage(bg: BlockGraph, index: int, block_ids: list[int], body: list[str], inputs: list[str],
                 outputs: list[str], updates: list[tuple[str, str]]) -> StageModule:
     captured = bg.captured
     source = captured.program.graph_module
-    nodes = {n.name: n for n in captured.graph.nodes}
+    nodes = captured.nodes_by_name  # one dict for all stages: building it per stage was quadratic in depth
     root = nn.Module()
     graph = fx.Graph()
     mutated = set(captured.buffer_mutations.values())

@@ -5,8 +5,10 @@
     prof.save("rannc-profile.yaml")
 
 Only one block per class (structurally identical blocks) is profiled. The inputs a block sees
-at microbatch size m come from running the model block by block (no grad) on the first m samples
-of the user's batch (its samples repeated when m is larger than the batch). Estimate mode makes shape-only fake inputs instead and runs no kernel.
+at microbatch size m come from running the captured graph once per measured size, op by op (no
+grad, values kept only for the blocks profiled), on the first m samples of the user's batch (its
+samples repeated when m is larger than the batch). Estimate mode makes shape-only fake inputs
+instead and runs no kernel.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from rannc_cli.config import settings
 from rannc_cli.errors import RanncError
 from rannc_cli.graph.blocks import BlockGraph, build_blocks, graph_hash
 from rannc_cli.graph.capture import CapturedModel, capture
-from rannc_cli.graph.stages import StageModule, build_stages
+from rannc_cli.graph.stages import StageModule, build_block_stages
 from rannc_cli.profiler import cache
 from rannc_cli.profiler.format import BlockClass, BlockCost, BlockInfo, ParamInfo, Profile, ValueInfo
 
@@ -77,27 +79,28 @@ def slice_inputs(captured: CapturedModel, values: dict[str, Any], microbatch: in
     return out
 
 
-def record_block_inputs(bg: BlockGraph, stages: list[StageModule], values: dict[str, Any],
+def record_block_inputs(bg: BlockGraph, stages: dict[int, StageModule], values: dict[str, Any],
                         wanted: set[int]) -> dict[int, list[Any]]:
-    """Run all blocks in order; return the inputs of the ``wanted`` blocks (detached leaves)."""
-    last_use: dict[str, int] = {}
-    for b in bg.blocks:
-        for v in b.inputs:
-            last_use[v] = b.id
-    env = dict(values)
-    recorded: dict[int, list[Any]] = {}
+    """Run the captured graph once, op by op (values freed after their last use); return the
+    inputs of the ``wanted`` blocks' stage modules (detached leaves)."""
+    from torch import fx
+
+    captured = bg.captured
+    needed = {name for b in wanted for name in stages[b].input_names}
+    kept: dict[str, Any] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            result = super().run_node(n)
+            if n.name in needed:
+                kept[n.name] = result
+            return result
+
+    feed = [values[n.name] if n.name in values else captured.tensor_of(captured.param_names[n.name])
+            for n in captured.graph.nodes if n.op == "placeholder"]
     with torch.no_grad():
-        for stage in stages:
-            b = stage.blocks[0]
-            ins = [env[name] for name in stage.input_names]
-            if b in wanted:
-                recorded[b] = [_leaf_like(x, bg, name) for x, name in zip(ins, stage.input_names)]
-            outs = stage(*ins)
-            env.update(zip(stage.output_names, outs))
-            for name in stage.input_names:
-                if last_use.get(name) == b and name not in values:
-                    env.pop(name, None)
-    return recorded
+        Recorder(captured.program.graph_module).run(*feed)
+    return {b: [_leaf_like(kept[name], bg, name) for name in stages[b].input_names] for b in wanted}
 
 
 def _leaf_like(x: Any, bg: BlockGraph, name: str) -> Any:
@@ -241,8 +244,8 @@ def profile_model(model: nn.Module, args: tuple, kwargs: dict | None = None, *, 
 
     capture_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    stages = build_stages(bg, list(range(len(bg.blocks))))
     representatives = {members[0]: cls for cls, members in enumerate(bg.classes)}
+    stages = build_block_stages(bg, representatives)  # one block per class: cost independent of depth
     costs: dict[int, list[BlockCost]] = {cls: [] for cls in range(len(bg.classes))}
     saved_buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     rng_state = torch.get_rng_state()
@@ -256,7 +259,7 @@ def profile_model(model: nn.Module, args: tuple, kwargs: dict | None = None, *, 
                 # Block inputs at each size come from running the model on m samples: values that
                 # index the whole microbatch (MoE routing permutations, per-expert token counts)
                 # are only right when computed at that size, never when tiled from another.
-                note(f"running the model block by block at microbatch {m}", 0)
+                note(f"running the model op by op at microbatch {m}", 0)
                 recorded = record_block_inputs(bg, stages, slice_inputs(captured, full, m), set(representatives))
                 for b, cls in representatives.items():
                     note(f"measuring block {b} ({bg.blocks[b].name or '<root>'}) at microbatch {m}", 1)
