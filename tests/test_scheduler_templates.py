@@ -39,6 +39,12 @@ CASES = {
                 mem_per_gpu=17179869184),
     "pbs-abci": spec(backend="pbs", queue="rt_HF", account="gaa50000", account_option="-P <group>",
                      directives=["-l USE_SSH=1"]),
+    "sge": spec(backend="sge", queue="gpu.q", account="proj42", gpus=4, nodes=2,
+                scheduler_options={"pe": "smp", "pe_multinode": "mpi4"}),
+    "sge-tsubame": spec(backend="sge", site="tsubame-4.0", queue=None, account="tga-lab", account_option="-g <group>",
+                        gpus=4, nodes=2, modules=["cuda", "openmpi"],
+                        scheduler_options={"resource_types": {4: "node_f", 2: "node_h", 1: "node_q"},
+                                           "launcher": "mpirun -npernode {gpus} -n {ranks} -x LD_LIBRARY_PATH"}),
     "local": spec(backend="local", nodes=1, gpus=4, queue=None, account=None, time_seconds=None, modules=[], setup=[],
                   mem_per_gpu=None, env={}),
 }

@@ -78,3 +78,14 @@ def pbs_wrappers(slurm_cluster):
     _start("pbs-wrappers", lambda: ensure_commands({"qsub": "slurm-wlm-torque", "qstat": "slurm-wlm-torque",
                                                     "generate_pbs_nodefile": "slurm-wlm-torque"}))
     return slurm_cluster
+
+
+@pytest.fixture(scope="session")
+def gridengine(tmp_path_factory):
+    """A real Grid Engine (sge_qmaster + sge_execd of Son of Grid Engine 8.1.9): queue all.q on this host,
+    PEs smp and mpi, a fake per-job GPU consumable gpu=4 (tests/testbed/gridengine.py)."""
+    from testbed.gridengine import GridEngine
+
+    cluster = _start("gridengine", lambda: GridEngine.start(tmp_path_factory.mktemp("gridengine")))
+    yield cluster
+    cluster.stop()
