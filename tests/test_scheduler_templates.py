@@ -176,3 +176,31 @@ def test_parse_time_refuses(text):
 
 def test_slurm_time_rounds_up_to_minutes():
     assert slurm_time(45) == "00:01:00" and slurm_time(7200) == "02:00:00" and slurm_time(93780) == "1-02:03:00"
+
+
+def test_tsubame_dry_run_renders_its_grid_engine_dialect(tmp_path):
+    """--site tsubame-4.0: resource type node_f per 4-GPU node, h_rt always (the site's default time),
+    the group as qsub -g, the site's mpirun for the ranks; nothing submitted."""
+    from conftest import ROOT, run_cli
+
+    res = run_cli("submit", str(ROOT / "examples" / "mlp.py"), "--site", "tsubame-4.0", "--account", "tga-lab",
+                  "--nodes", "2", "--gpus", "4", "--dry-run", cwd=tmp_path, env={"RANNC_LOGS_DIR": str(tmp_path / "logs")})
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    for needle in ("#$ -l node_f=2", "#$ -l node_q=1", "#$ -l h_rt=1:00:00", "#$ -l s_rt=0:58:00", "#$ -r y",
+                   "mpirun -npernode 4 -n 8", "-g tga-lab -hold_jid", "dry run: nothing submitted"):
+        assert needle in out, needle
+    assert "#$ -pe" not in out and "-l gpu=" not in out
+    assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.parametrize("site,gpus,shape", [("tsubame-4.0", 8, "t4n: 240 node(s) x 4 GPUs"),
+                                             ("abci-3.0", 16, "hnode: 766 node(s) x 8 GPUs")])
+def test_gpus_above_the_sites_node_are_refused_with_its_shape(tmp_path, site, gpus, shape):
+    from conftest import ROOT, run_cli
+
+    res = run_cli("submit", str(ROOT / "examples" / "mlp.py"), "--site", site, "--nodes", "1", "--gpus", str(gpus),
+                  "--dry-run", cwd=tmp_path)
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.returncode != 0 and len(lines) == 1, res.stderr
+    assert lines[0].startswith(f"error: --gpus {gpus} exceeds site {site}'s GPUs per node") and shape in lines[0]

@@ -197,6 +197,9 @@ class SGEBackend(Backend):
         from rannc_cli.scheduler.precheck import check_nodes, check_time, require_command
 
         require_command(spec, runner, cls.submit_command)
+        if not runner.which("qconf"):
+            raise RanncError(f"qconf not found on {runner.host}: its qsub is not Grid Engine's",
+                             hint="put Grid Engine's commands first on PATH there (source $SGE_ROOT/default/common/settings.sh)")
         notes: list[str] = []
         opts = spec.scheduler_options or {}
         if spec.queue and not opts.get("resource_types"):
