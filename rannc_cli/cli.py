@@ -88,6 +88,7 @@ def plan_cmd(
     replicas: Optional[str] = typer.Option(None, "--replicas", help="Force replicas per stage, e.g. 4,2,2 (implies --stages)."),
     microbatches: Optional[int] = typer.Option(None, "--microbatches", help="Force the number of microbatches."),
     schedule: Optional[str] = typer.Option(None, "--schedule", help="Force the schedule: 1f1b or gpipe."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Force activation checkpointing: auto (where a stage needs it), on or off."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the plan file (docs/plan-format.md)."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan, prediction and baselines as JSON."),
     timeline: Optional[Path] = typer.Option(None, "--timeline", help="Draw the simulated schedule to this PNG."),
@@ -100,7 +101,7 @@ def plan_cmd(
 
     plan_command(profile=profile, nodes=nodes, gpus=gpus, mem_per_gpu=mem_per_gpu, batch_size=batch_size,
                  topology=topology, stages=stages, replicas=replicas, microbatches=microbatches, schedule=schedule,
-                 out=out, as_json=as_json, timeline=timeline, explain=explain, exhaustive=exhaustive, evaluate=evaluate)
+                 checkpoint=checkpoint, out=out, as_json=as_json, timeline=timeline, explain=explain, exhaustive=exhaustive, evaluate=evaluate)
 
 
 # --------------------------------------------------------------------------- run

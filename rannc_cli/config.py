@@ -81,6 +81,8 @@ REGISTRY: dict[str, Setting] = {
         Setting("schedule", "1f1b", "Runtime planning: pipeline schedule, 1f1b or gpipe (empty: the planner decides).", str),
         Setting("checkpoint", "auto", "Runtime: activation checkpointing per stage: auto (as the plan says), on or off.", str),
         Setting("runtime_timeout", 300.0, "Runtime: seconds a collective or transfer may wait before the job fails (bounds hangs when a rank dies).", float),
+        Setting("hang_timeout_seconds", 60.0, "Runtime: a rank whose heartbeat has not changed for this many seconds is named as hung and the job ends (0: off, then runtime_timeout bounds a hang).", float),
+        Setting("heartbeat_dir", "", "Runtime: folder of the ranks' heartbeat files (`rannc run` and the Slurm/PBS job scripts set RANNC_HEARTBEAT_DIR; empty: no heartbeats).", str),
         Setting("runtime_device", "auto", "Runtime: auto (the local GPU if any, else CPU), cpu or cuda.", str),
         Setting("runtime_profile", "auto", "Runtime planning: how rank 0 profiles, measured or estimated (auto: measured on CPU, estimated on GPUs).", str),
         Setting("runtime_memory", "", "Runtime planning: memory per process to plan for, like 4GiB (empty: the GPU's, or host memory / processes).", str),

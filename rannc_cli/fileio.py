@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from contextlib import contextmanager
@@ -25,11 +26,28 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        fsync_path(Path(tmp))  # the data is on disk before the name points at it
         os.replace(tmp, path)
+        fsync_path(path.parent)  # and the rename itself survives a crash
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def fsync_path(path: Path | str) -> None:
+    """Flush a file's or a folder's content to disk (a folder: its entries, such as a rename).
+
+        fsync_path(folder)       # after os.replace(tmp, folder / "x")
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # some file systems refuse fsync on folders; a file's refusal is an error
+        if not (os.path.isdir(path) and exc.errno in (errno.EINVAL, errno.ENOTSUP, errno.EBADF)):
+            raise
+    finally:
+        os.close(fd)
 
 
 def write_text_atomic(path: Path | str, text: str, mode: int | None = None) -> Path:
@@ -59,10 +77,27 @@ def read_yaml(path: Path | str, what: str, create_hint: str) -> Any:
         text = path.read_text()
     except FileNotFoundError:
         raise RanncError(f"{what} {path} does not exist", hint=create_hint) from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+    except IsADirectoryError:
+        raise RanncError(f"{what} {path} is a directory, not a file", hint=create_hint) from None
+    except (PermissionError, UnicodeDecodeError) as exc:
         raise RanncError(f"cannot read {what} {path} ({type(exc).__name__})", hint=create_hint) from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise RanncError(f"{what} {path} is not valid YAML ({' '.join(str(exc).split())[:200]})",
                          hint=create_hint) from None
+
+
+def require_file(path: Path | str, what: str, hint: str) -> Path:
+    """Refuse a path that is missing or not a regular file, saying which (one RanncError line).
+
+        script = require_file("train.py", "script", "pass the path of your training script")
+    """
+    from rannc_cli.errors import RanncError
+
+    path = Path(path)
+    if path.is_dir():
+        raise RanncError(f"{what} {path} is a directory, not a file", hint=hint)
+    if not path.is_file():
+        raise RanncError(f"{what} {path} does not exist", hint=hint)
+    return path

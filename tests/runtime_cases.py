@@ -63,7 +63,8 @@ def _autocast(case: dict):
 
 
 def _train(case: dict, model: nn.Module, forward: Any, opt: torch.optim.Optimizer, batch: tuple, rank: int = 0,
-           fail_rank: int = -1, save: Any = None, save_at: int = -1, hang_rank: int = -1) -> list[float]:
+           fail_rank: int = -1, save: Any = None, save_at: int = -1, hang_rank: int = -1,
+           signal_rank: int = -1, signal_name: str = "") -> list[float]:
     scaler = torch.amp.GradScaler("cpu", init_scale=float(case["scaler"])) if case.get("scaler") else None
     losses = []
     start = int(case.get("start", 0))
@@ -74,6 +75,10 @@ def _train(case: dict, model: nn.Module, forward: Any, opt: torch.optim.Optimize
             import time
 
             time.sleep(3600)  # stops answering; the others must give up after runtime_timeout
+        if step == 2 and rank == signal_rank:
+            import signal
+
+            os.kill(os.getpid(), getattr(signal, f"SIG{signal_name}"))  # STOP: a frozen process; KILL: gone
         args, kwargs = batch_at(batch, step)
         with _autocast(case):
             loss = forward(*args, **kwargs)
@@ -128,7 +133,8 @@ def local_share(batch: tuple, rank: int, world: int) -> tuple:
 
 
 def train_distributed(case: dict, rank: int, fail_rank: int = -1, resume: str = "", save_at: int = -1,
-                      checkpoint_dir: Path | None = None, hang_rank: int = -1) -> dict[str, Any]:
+                      checkpoint_dir: Path | None = None, hang_rank: int = -1, signal_rank: int = -1,
+                      signal_name: str = "") -> dict[str, Any]:
     from rannc_cli import RaNNCModule, deferred_init
 
     if case.get("deferred"):
@@ -166,7 +172,7 @@ def train_distributed(case: dict, rank: int, fail_rank: int = -1, resume: str = 
 
     losses = _train(case, model, step_batch_forward, opt, batch, rank, fail_rank,
                     save=(lambda: wrapped.save_checkpoint(checkpoint_dir)) if checkpoint_dir else None,
-                    save_at=save_at, hang_rank=hang_rank)
+                    save_at=save_at, hang_rank=hang_rank, signal_rank=signal_rank, signal_name=signal_name)
     held = sum(p.numel() for p in model.parameters())  # non-local parameters are freed after planning
     held_by_rank: list[Any] = [None] * world
     if world > 1:

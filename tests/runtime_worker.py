@@ -53,6 +53,8 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--fail-rank", type=int, default=-1, help="this rank raises at step 2 (fault tests)")
     parser.add_argument("--hang-rank", type=int, default=-1, help="this rank stops answering at step 2 (fault tests)")
+    parser.add_argument("--signal-rank", type=int, default=-1, help="this rank signals itself at step 2 (fault tests)")
+    parser.add_argument("--signal", default="STOP", help="the signal --signal-rank sends itself: STOP or KILL")
     parser.add_argument("--resume", default="", help="load this checkpoint before the first forward")
     parser.add_argument("--save-at", type=int, default=-1, help="save a sharded checkpoint after this many steps")
     args = parser.parse_args()
@@ -62,6 +64,7 @@ def main() -> None:
         if case.get("sabotage"):
             sabotage(case["sabotage"])
         result = rc.train_distributed(case, rank, fail_rank=args.fail_rank, hang_rank=args.hang_rank, resume=args.resume,
+                                      signal_rank=args.signal_rank, signal_name=args.signal,
                                       save_at=args.save_at, checkpoint_dir=out / f"{case['id']}-ckpt")
         if rank == 0:
             rc.save_result(result, out / f"{case['id']}.pt")

@@ -88,6 +88,11 @@ def test_plan_for_another_cluster_is_refused(profile_file, tmp_path):
     (["--nodes", "2", "--gpus", "4", "--schedule", "zigzag"], "not known"),
     (["--nodes", "2", "--gpus", "4", "--mem-per-gpu", "big"], "memory size"),
     (["--nodes", "1", "--gpus", "8", "--exhaustive", "--stages", "2"], None),
+    # each impossible forced part gets its own cause, not "no plan fits ... memory"
+    (["--nodes", "2", "--gpus", "4", "--stages", "9"], "--stages 9 needs at least 9 GPUs"),
+    (["--nodes", "2", "--gpus", "4", "--microbatches", "100"], "more than the batch of 64 samples"),
+    (["--nodes", "2", "--gpus", "4", "--replicas", "8", "--microbatches", "16"], "needs microbatches of at least 8"),
+    (["--nodes", "2", "--gpus", "4", "--checkpoint", "maybe"], "--checkpoint 'maybe' is not known"),
 ])
 def test_bad_input(profile_file, args, message):
     res = run_cli("plan", "--profile", str(profile_file), *args)
@@ -101,3 +106,30 @@ def test_bad_input(profile_file, args, message):
 def test_missing_profile():
     res = run_cli("plan", "--profile", "/nonexistent.yaml", "--nodes", "1", "--gpus", "1")
     assert res.returncode == 2 and "does not exist" in res.stderr
+
+
+def test_forced_parts_hold_through_refinement_and_baselines_say_why(tmp_path):
+    """34 blocks are coarsened to 24 units, so the refine step runs (it used to split --stages 3 into 6)."""
+    prof = tmp_path / "bert32.yaml"
+    bert_profile(layers=32, hidden=512, seq=128, vocab=8000, batch_size=64).save(prof)
+    res = run_cli("plan", "--profile", str(prof), "--nodes", "2", "--gpus", "4", "--stages", "3", "--microbatches", "4",
+                  "--checkpoint", "on", "--json")
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout)
+    assert len(data["stages"]) == 3 and data["microbatches"] == 4
+    assert all(s["checkpoint"] for s in data["stages"])
+    assert data["baselines"]["data-parallel"] == "not applicable with --stages 3"
+    table = run_cli("plan", "--profile", str(prof), "--nodes", "2", "--gpus", "4", "--replicas", "4,2,2",
+                    "--microbatches", "2")
+    assert table.returncode == 0, table.stderr
+    assert "2 microbatches of 32" in table.stdout and "not applicable with --stages 3" in table.stdout
+    rows = [line.split() for line in table.stdout.splitlines() if line.strip()[:1].isdigit() and "GiB" in line]
+    assert [int(r[-3]) for r in rows] == [4, 2, 2]
+
+
+def test_a_directory_is_named_as_a_directory(tmp_path, profile_file):
+    for args in (["plan", "--profile", str(tmp_path), "--nodes", "1", "--gpus", "1"], ["profile", str(tmp_path)],
+                 ["run", "--nproc", "2", str(tmp_path)], ["submit", str(tmp_path), "--nodes", "1", "--gpus", "1"]):
+        res = run_cli(*args)
+        assert res.returncode == 2, (args, res.stdout, res.stderr)
+        assert f"{tmp_path} is a directory" in res.stderr and "does not exist" not in res.stderr, res.stderr

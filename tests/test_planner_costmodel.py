@@ -8,7 +8,7 @@ import pytest
 
 from rannc_cli.errors import RanncError
 from rannc_cli.planner.cluster import ClusterSpec, Link, parse_size
-from rannc_cli.planner.costmodel import CostModel, objective
+from rannc_cli.planner.costmodel import TIE_WEIGHT, CostModel, objective
 from rannc_cli.planner.synthetic import bert_profile, hybrid_profile, random_profile, resnet_profile
 from rannc_cli.profiler.format import Profile
 
@@ -71,7 +71,10 @@ def test_objective_formulas():
     u = [a.total, b.total]
     # 1F1B: stage 0 runs one warm-up forward before its first backward, which overlaps the round trip
     assert objective("1f1b", 4, [a, b]) == pytest.approx(sum(u) + max(3 * u[0] - 1 * a.forward, 3 * u[1]))
-    assert objective("1f1b", 1, [a, b]) == pytest.approx(sum(u))
+    # one microbatch: stages run one after another; TIE_WEIGHT of the bottleneck breaks ties toward balance
+    assert objective("1f1b", 1, [a, b]) == pytest.approx(sum(u) + TIE_WEIGHT * max(u))
+    assert objective("gpipe", 1, [a, b]) == pytest.approx(
+        sum(u) + TIE_WEIGHT * (max(a.forward, b.forward) + max(a.backward, b.backward)))
     assert objective("gpipe", 4, [a, b]) == pytest.approx(sum(u) + 3 * (max(a.forward, b.forward) + max(a.backward, b.backward)))
 
 

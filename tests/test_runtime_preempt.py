@@ -93,3 +93,57 @@ def test_unreadable_checkpoint_is_one_error_line(tmp_path):
     assert code == 2, err[-2000:]
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert lines and "unreadable" in lines[0] and "Traceback" not in err, err[-2000:]
+
+
+def test_incomplete_checkpoints_are_never_resumed_from(tmp_path):
+    """A save cut short leaves ``.step-<k>.partial`` (or a step folder without a manifest): the next
+    start names it in one line and resumes from ``latest``; its own checkpoint removes the leftovers.
+    A truncated shard in the folder ``latest`` names is one error line, exit 2."""
+    import json
+
+    ckpt = tmp_path / "ckpt"
+    code, _, err = _run(tmp_path, 2, "1,1", ckpt, signal_after="step 10 ")
+    assert code == 0, err[-2000:]
+    folder = ckpt / (ckpt / "latest").read_text().strip()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["shards"] == {p.name: p.stat().st_size for p in folder.glob("rank-*.pt")}
+    assert sorted(manifest["shards"]) == ["rank-0.pt", "rank-1.pt"]
+    assert not list(ckpt.glob(".step-*"))  # the partial folder became step-<k>
+
+    partial = ckpt / ".step-999.partial"
+    partial.mkdir()
+    (partial / "rank-0.pt").write_bytes(b"half a shard")
+    orphan = ckpt / "step-998"  # an older layout's folder, cut before its manifest
+    orphan.mkdir()
+    code, out, err = _run(tmp_path, 2, "1,1", ckpt, signal_after="step 30 ")
+    assert code == 0, err[-2000:]
+    notes = [line for line in err.splitlines() if "incomplete checkpoint" in line]
+    assert len(notes) == 1 and str(partial) in notes[0] and str(orphan) in notes[0], err[-2000:]
+    assert f"rannc: resumed at step {manifest['step']} from {folder}" in err
+    assert not partial.exists() and not orphan.exists()  # the new checkpoint cleaned them
+
+    folder = ckpt / (ckpt / "latest").read_text().strip()
+    shard = folder / "rank-1.pt"
+    size = shard.stat().st_size
+    shard.write_bytes(shard.read_bytes()[: size // 2])
+    code, _, err = _run(tmp_path, 2, "1,1", ckpt)
+    assert code == 2 and "Traceback" not in err, err[-2000:]
+    errors = {line for line in err.splitlines() if line.startswith("error:")}
+    assert errors == {f"error: checkpoint {folder} is damaged: rank-1.pt has {size // 2} bytes, the manifest says "
+                      f"{size}; restore the folder, or remove {ckpt / 'latest'} to start afresh"}, err[-2000:]
+
+
+def test_a_truncated_shard_is_one_error_line(tmp_path):
+    """save_checkpoint folders have no manifest: a shard torch cannot read is a RanncError, not a traceback."""
+    import pytest
+    import torch
+
+    from rannc_cli.errors import RanncError
+    from rannc_cli.runtime.checkpoint import read_shard
+
+    path = tmp_path / "rank-0.pt"
+    torch.save({"format": "rannc-shard", "tensors": {"w": torch.randn(1000)}}, path)
+    assert torch.equal(read_shard(path)["tensors"]["w"], torch.load(path)["tensors"]["w"])
+    path.write_bytes(path.read_bytes()[:2000])
+    with pytest.raises(RanncError, match=r"checkpoint shard .*rank-0.pt is truncated or corrupt"):
+        read_shard(path)

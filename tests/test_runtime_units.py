@@ -93,7 +93,8 @@ def test_even_plan_places_replicas_on_consecutive_ranks():
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--nproc", "2", "--replicas", "2,1"], "needs 3 processes"),
+    (["--nproc", "2", "--replicas", "2,1"], "use 3 processes, --nproc is 2"),
+    (["--nproc", "4", "--replicas", "2,1"], "give replica counts that sum to 4"),  # no rank left idle
     (["--nproc", "2", "--schedule", "zigzag"], "schedule 'zigzag' is not known"),
     (["--nproc", "2", "--stages", "3"], "--stages 3 must be between 1"),
 ])
@@ -152,3 +153,23 @@ def test_deferred_init_builds_on_meta_and_materialises_alone(monkeypatch):
     loss.backward()
     opt.step()
     assert torch.isfinite(loss)
+
+
+def test_a_plan_for_another_shape_or_contradicting_flags_is_refused(tmp_path):
+    from rannc_cli.planner.synthetic import bert_profile
+    from rannc_cli.runtime.planning import Constraints, _plan_from_spec
+
+    prof, plan = tmp_path / "p.yaml", tmp_path / "plan.yaml"
+    bert_profile(layers=4, hidden=256, seq=64, vocab=4000, batch_size=16).save(prof)
+    assert run_cli("plan", "--profile", str(prof), "--nodes", "1", "--gpus", "4", "--out", str(plan)).returncode == 0
+    shape = run_cli("run", "--nproc", "2", "--plan", str(plan), "examples/mlp.py")  # refused before any worker
+    assert shape.returncode == 2 and "Traceback" not in shape.stderr
+    assert "was made for 1 node(s) x 4 GPUs (4 processes); this run has 1 node(s) x 2 process(es)" in shape.stderr
+    assert "--nproc 4" in shape.stderr
+    flags = run_cli("run", "--nproc", "4", "--plan", str(plan), "--schedule", "gpipe", "examples/mlp.py")
+    assert flags.returncode == 2 and "--schedule gpipe contradicts" in flags.stderr
+    # the same checks inside the job (torchrun, srun: no launcher in front)
+    with pytest.raises(RanncError, match="this run has 2 node"):
+        _plan_from_spec(str(plan), 6, 16, world_size=4, gpus_per_node=2, c=Constraints())
+    with pytest.raises(RanncError, match="--schedule gpipe contradicts"):
+        _plan_from_spec(str(plan), 6, 16, world_size=4, gpus_per_node=4, c=Constraints(schedule="gpipe"))

@@ -104,6 +104,73 @@ def test_failing_rank_and_cancel_locally(tmp_path, mlp_profile):
     assert "CANCELLED" in run_cli("status", rec["id"], cwd=tmp_path, env=env).stdout
 
 
+def test_a_local_job_cut_by_time_ends_timeout(tmp_path, mlp_profile):
+    """--time: SIGUSR1 before the limit, the ranks checkpoint and exit 0; the job is TIMEOUT (resumable),
+    not COMPLETED, in the record, in `rannc status` and in --wait's exit code."""
+    env = _env(tmp_path, RANNC_REQUEUE_SIGNAL_SECONDS="10")
+    res = run_cli("submit", str(SCRIPTS / "ckpt_train.py"), "--nodes", "1", "--gpus", "2", "--profile",
+                  str(mlp_profile), "--time", "0:40", "--wait", "--", "--steps", "500", "--delay", "0.2",
+                  cwd=tmp_path, env=env, timeout=180)
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.returncode != 0 and len(lines) == 1, res.stdout + res.stderr
+    assert "ended TIMEOUT: time limit ahead: the ranks checkpointed at step" in lines[0], lines[0]
+    assert "train: TIMEOUT" in res.stdout
+    folder = job_folder(tmp_path / "logs")
+    step = int((folder / "checkpoints" / "rannc-preempted").read_text())
+    assert 0 < step < 500 and f"checkpointed at step {step}" in (folder / "train" / "rank-0.log").read_text()
+    rec = record(folder)
+    assert rec["phases"]["train"]["state"] == "TIMEOUT" and rec["phases"]["train"]["exit_code"] == 0
+    status = run_cli("status", rec["id"], cwd=tmp_path, env=env)
+    assert f"job {rec['id']} {rec['name']}: TIMEOUT" in status.stdout, status.stdout
+    assert f"checkpointed at step {step}" in status.stdout
+
+
+def _rank_pid(job_dir, rank: int) -> int | None:
+    """The pid of the process that is rank ``rank`` of the local job in ``job_dir``."""
+    from pathlib import Path
+
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            env = dict(item.split("=", 1) for item in (proc / "environ").read_text().split("\0") if "=" in item)
+        except OSError:
+            continue
+        if env.get("RANNC_JOB_DIR") == str(job_dir) and env.get("RANK") == str(rank) and "RANNC_HEARTBEAT_DIR" in env:
+            return int(proc.name)
+    return None
+
+
+def test_status_names_a_stopped_rank_not_the_one_that_lost_contact(tmp_path, mlp_profile):
+    """A rank SIGSTOPped mid-training (the real runtime, examples/mlp.py): the job fails within
+    hang_timeout_seconds and the record and `rannc status` name that rank, not a survivor."""
+    import signal
+
+    env = _env(tmp_path, RANNC_HANG_TIMEOUT_SECONDS="5", RANNC_RUNTIME_TIMEOUT="600")
+    res = run_cli("submit", str(ROOT / "examples" / "mlp.py"), "--nodes", "1", "--gpus", "2", "--profile",
+                  str(mlp_profile), "--", *MLP_ARGS, "--steps", "1000000", cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr
+    folder = job_folder(tmp_path / "logs")
+    wait_file_text(folder / "train" / "rank-1.log", "step 3 ", 240)
+    pid = _rank_pid(folder, 1)
+    assert pid is not None
+    os_kill = __import__("os").kill
+    os_kill(pid, signal.SIGSTOP)
+    rec = record(folder)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        status = run_cli("status", rec["id"], cwd=tmp_path, env=env)
+        if "FAILED" in status.stdout.splitlines()[0]:
+            break
+        time.sleep(1)
+    else:
+        os_kill(pid, signal.SIGKILL)
+        raise AssertionError(f"the job did not end after rank 1 stopped: {status.stdout}")
+    assert "failed at train/rank-1.log: rank 1 stopped answering first (no heartbeat for " in status.stdout, status.stdout
+    assert record(folder)["failure"].startswith("train/rank-1.log: rank 1 stopped answering first")
+    assert "lost contact" not in record(folder)["failure"]
+
+
 @pytest.mark.parametrize("flags,needle", [
     (["--nodes", "2", "--gpus", "1"], "the local backend runs on this machine only"),
     (["--gpus", "0"], "--gpus must be at least 1"),

@@ -78,6 +78,53 @@ def test_failing_rank_fails_the_job(slurm_cluster, tmp_path, mlp_profile):
     assert "FAILED" in status.stdout and "failed at train/rank-1.log" in status.stdout
 
 
+@pytest.mark.parametrize("sig", ["SIGSTOP", "SIGKILL"])
+def test_a_stopped_or_killed_rank_is_the_one_named(slurm_cluster, tmp_path, mlp_profile, sig):
+    """srun starts the ranks (no `rannc run`). SIGSTOP: rank 0 watches rank 1's heartbeat in
+    train/heartbeat, names it and exits 3; srun ends the job. SIGKILL: srun reports the task. Either
+    way `rannc status` names rank 1, not rank 0 that lost contact with it."""
+    from pathlib import Path
+
+    env = _env(slurm_cluster, tmp_path, RANNC_HANG_TIMEOUT_SECONDS="5", RANNC_RUNTIME_TIMEOUT="600")
+    res = run_cli("submit", str(ROOT / "examples" / "mlp.py"), "--scheduler", "slurm", "--nodes", "2", "--gpus", "1",
+                  "--profile", str(mlp_profile), "--", *MLP_ARGS, "--steps", "1000000", cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    folder = job_folder(tmp_path / "logs")
+    wait_file_text(folder / "train" / "rank-1.log", "step 3 ", 240)
+    pid = None
+    for proc in Path("/proc").iterdir():
+        try:
+            penv = dict(i.split("=", 1) for i in (proc / "environ").read_text().split("\0") if "=" in i)
+        except (OSError, ValueError):
+            continue
+        if penv.get("RANNC_JOB_DIR") == str(folder) and penv.get("RANK") == "1" and "python" in (proc / "cmdline").read_text():
+            pid = int(proc.name)
+    assert pid is not None
+    import os
+
+    os.kill(pid, getattr(signal, sig))
+    try:
+        rec = record(folder)
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline:
+            status = run_cli("status", rec["id"], cwd=tmp_path, env=env)
+            if "FAILED" in status.stdout.splitlines()[0]:
+                break
+            time.sleep(1)
+        assert "FAILED" in status.stdout.splitlines()[0], status.stdout + slurm_cluster.logs()
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if sig == "SIGSTOP":
+        rank0 = (folder / "train" / "rank-0.log").read_text()
+        assert "error: rank 1 stopped answering: its heartbeat has not changed for " in rank0, rank0[-2000:]
+        assert "failed at train/rank-1.log: rank 1 stopped answering" in status.stdout, status.stdout
+    else:
+        assert "failed at train/rank-1.log: rank 1 ended first: Killed on n2 (srun)" in status.stdout, status.stdout
+
+
 def test_cancel_running_job(slurm_cluster, tmp_path, mlp_profile):
     env = _env(slurm_cluster, tmp_path)
     res = run_cli("submit", str(SCRIPTS / "ckpt_train.py"), "--scheduler", "slurm", "--nodes", "1", "--gpus", "2",

@@ -1,6 +1,8 @@
 """The plans a user would otherwise pick, priced with the same cost model and simulator.
 
-    results = evaluate_baselines(cost_model, space)      # {name: Baseline(plan, simulation) or None}
+    notes = {}
+    results = evaluate_baselines(cost_model, [1, 2, 4], forced, notes)   # {name: Baseline(plan, simulation) or None}
+    notes["data-parallel"]     # why it is None: 'not applicable with --stages 3' or 'infeasible (does not fit)'
 
 - ``data-parallel``: one stage on every GPU (gradient accumulation over M microbatches), if it fits;
 - ``uniform``: S stages with equal block counts (DeepSpeed ``partition_method='uniform'``);
@@ -10,6 +12,9 @@
 Every stage gets the same replica count ``GPUs / S`` (laid out contiguously); checkpointing is
 switched on for a stage only when it does not fit otherwise. Each heuristic gets its best S and M
 (by the objective, then the simulator among the three best), which is generous to the baselines.
+Forced parts narrow them as they narrow the search: a forced stage count is the only S tried
+(data-parallel is then not applicable unless it is 1), a forced checkpoint setting holds on every
+stage; a baseline with no configuration left says why (``notes``).
 """
 
 from __future__ import annotations
@@ -60,7 +65,7 @@ def _weights(cm: CostModel, how: str) -> list[float]:
     return [float(f + b) for f, b in zip(fwd, bwd)]
 
 
-def _plan(cm: CostModel, bounds: list[int], replicas: int, m: int) -> Plan | None:
+def _plan(cm: CostModel, bounds: list[int], replicas: int, m: int, checkpoint: str | None = None) -> Plan | None:
     cl = cm.cluster
     layout = contiguous([replicas] * (len(bounds) - 1), cl.gpus_per_node, cl.devices)
     if layout is None:
@@ -70,7 +75,7 @@ def _plan(cm: CostModel, bounds: list[int], replicas: int, m: int) -> Plan | Non
     n = len(bounds) - 1
     for i in range(n):
         c = cm.best_stage_cost(bounds[i], bounds[i + 1], replicas, m, link_in(prev, layout[i]), allreduce_link(layout[i]),
-                               in_flight("1f1b", m, n, i))
+                               in_flight("1f1b", m, n, i), checkpoint)
         if not c.feasible:
             return None
         stages.append(StagePlan(bounds[i], bounds[i + 1], replicas, layout[i], c.checkpoint))
@@ -78,14 +83,29 @@ def _plan(cm: CostModel, bounds: list[int], replicas: int, m: int) -> Plan | Non
     return Plan("1f1b", m, cm.batch_size, stages)
 
 
-def evaluate_baselines(cm: CostModel, microbatches: list[int]) -> dict[str, Baseline | None]:
-    """Best configuration of each heuristic, or None where no configuration fits."""
+def evaluate_baselines(cm: CostModel, microbatches: list[int], forced=None,
+                       notes: dict[str, str] | None = None) -> dict[str, Baseline | None]:
+    """Best configuration of each heuristic, or None where no configuration fits or applies (the
+    reason goes to ``notes[name]`` when given)."""
     n, total = cm.n, cm.cluster.devices
+    forced_stages = forced.stages if forced is not None else None
+    checkpoint = forced.checkpoint if forced is not None else None
     out: dict[str, Baseline | None] = {}
+    notes = {} if notes is None else notes
     for name in NAMES:
         options: list[tuple[float, Plan]] = []
         stage_counts = [1] if name == "data-parallel" else [s for s in range(2, min(n, total) + 1) if total % s == 0]
+        why = ""
+        if forced_stages is not None:
+            if forced_stages not in stage_counts:
+                why = (f"not applicable: {forced_stages} stages of equal replica counts do not fill {total} GPUs"
+                       if name != "data-parallel" and total % forced_stages
+                       else f"not applicable with --stages {forced_stages}")
+            stage_counts = [s for s in stage_counts if s == forced_stages]
+        elif not stage_counts:
+            why = f"not applicable: {n} block(s) on {total} GPU(s) leave no stage count of 2 or more"
         weights = None if name in ("data-parallel", "uniform") else _weights(cm, name)
+        small = 0
         for s in stage_counts:
             if name == "data-parallel":
                 bounds = [0, n]
@@ -96,8 +116,9 @@ def evaluate_baselines(cm: CostModel, microbatches: list[int]) -> dict[str, Base
             r = total // s
             for m in microbatches:
                 if r > cm.microbatch(m):
+                    small += 1
                     continue
-                plan = _plan(cm, bounds, r, m)
+                plan = _plan(cm, bounds, r, m, checkpoint)
                 if plan is not None:
                     options.append((plan_objective(plan, cm), plan))
         options.sort(key=lambda x: x[0])
@@ -107,4 +128,8 @@ def evaluate_baselines(cm: CostModel, microbatches: list[int]) -> dict[str, Base
             out[name] = Baseline(name, plan, sim)
         else:
             out[name] = None
+            if not why and small == len(stage_counts) * len(microbatches):
+                why = (f"not applicable: a batch of {cm.batch_size} cannot give every one of the "
+                       f"{total // max(stage_counts)} or more replicas per stage a sample")
+            notes[name] = why or "infeasible (does not fit)"
     return out

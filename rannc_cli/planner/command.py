@@ -91,8 +91,10 @@ def plan_json(profile, report) -> dict[str, Any]:
         "predicted_step_seconds": sim.step_seconds,
         "objective_seconds": sim.objective_seconds,
         "samples_per_second": plan.predicted.get("samples_per_second"),
-        "baselines": {name: (b.simulation.step_seconds if b is not None else "infeasible")
+        "baselines": {name: (b.simulation.step_seconds if b is not None else
+                             getattr(report, "baseline_notes", {}).get(name, "infeasible"))
                       for name, b in report.baselines.items()},
+        "idle_reason": plan.predicted.get("idle_reason", ""),
         "profile_hash": plan.profile_hash,
         "cluster_fingerprint": plan.cluster_fingerprint,
         "cluster": plan.cluster,
@@ -116,11 +118,14 @@ def print_report(profile, report, explain_lines: list[str] | None) -> None:
     typer.echo(f"\npredicted step {1e3 * sim.step_seconds:.4g} ms, {sps:.4g} samples/s "
                f"({plan.schedule}, {plan.microbatches} microbatches of {cm.microbatch(plan.microbatches)}, "
                f"{plan.devices_used} of {cm.cluster.devices} GPUs; usable memory {cm.capacity / GIB:.3g} GiB per GPU)")
+    if plan.predicted.get("idle_reason"):
+        typer.echo(plan.predicted["idle_reason"])
     if report.baselines:
         rows = []
         for name, b in report.baselines.items():
             if b is None:
-                rows.append([name, "infeasible (does not fit)", "-", "-", "-"])
+                rows.append([name, getattr(report, "baseline_notes", {}).get(name, "infeasible (does not fit)"),
+                             "-", "-", "-"])
                 continue
             s = b.simulation.step_seconds
             reps = b.plan.stages[0].replicas
@@ -144,7 +149,7 @@ def print_report(profile, report, explain_lines: list[str] | None) -> None:
 def plan_command(profile: Path, nodes: int | None = None, gpus: int | None = None, mem_per_gpu: str | None = None,
                  batch_size: int | None = None, topology: Path | None = None, stages: int | None = None,
                  replicas: str | None = None, microbatches: int | None = None, schedule: str | None = None,
-                 out: Path | None = None, as_json: bool = False, timeline: Path | None = None, explain: bool = False,
+                 checkpoint: str | None = None, out: Path | None = None, as_json: bool = False, timeline: Path | None = None, explain: bool = False,
                  exhaustive: bool = False, evaluate: Path | None = None) -> None:
     from rannc_cli.planner.planner import make_plan
     from rannc_cli.profiler.format import Profile
@@ -155,11 +160,18 @@ def plan_command(profile: Path, nodes: int | None = None, gpus: int | None = Non
         raise RanncError(f"--schedule {schedule!r} is not known", hint="use 1f1b or gpipe")
     if batch_size is not None and batch_size < 1:
         raise RanncError(f"--batch-size must be at least 1 (got {batch_size})")
+    if checkpoint is not None and checkpoint not in ("auto", "on", "off"):
+        raise RanncError(f"--checkpoint {checkpoint!r} is not known", hint="use auto, on or off")
+    if stages is not None and stages < 1:
+        raise RanncError(f"--stages must be at least 1 (got {stages})")
+    if microbatches is not None and microbatches < 1:
+        raise RanncError(f"--microbatches must be at least 1 (got {microbatches})")
     if evaluate is not None:
         report = _evaluate(prof, cluster, evaluate)
     else:
         report = make_plan(prof, cluster, batch_size=batch_size, stages=stages, replicas=_parse_replicas(replicas),
-                           microbatches=microbatches, schedule=schedule, use_exhaustive=exhaustive)
+                           microbatches=microbatches, schedule=schedule, use_exhaustive=exhaustive,
+                           checkpoint=None if checkpoint in (None, "auto") else checkpoint)
     lines = None
     if explain:
         from rannc_cli.planner.explain import explain as explain_fn

@@ -36,6 +36,14 @@ overlap (a per-stage term, so the DP stays exact: ``w_s`` depends only on the st
 the DP state carries). On 3000 random pipelines (1-16 stages, M 1-64, backward 1.5-3x forward)
 the bubble formula is 0 to +23% off the simulation (mean +3.4%), this one -9% to 0 (mean -0.3%);
 both are exact for balanced stages. The simulation still ranks the final candidates.
+
+With one microbatch the stages run one after another, so the max terms vanish and every cut
+costs the same compute; the objective then keeps ``TIE_WEIGHT`` (1%) of the bottleneck term
+(``max_weight``), so that between cuts the model otherwise finds (nearly) equally fast the
+time-balanced one wins. With a forced stage count the weight is ``FORCED_TIE_WEIGHT`` (25%): such
+a count is asked for memory or layout, and a cut that saves one small transfer by leaving a stage
+nearly empty honours it only in name. The final ranking adds the same term, at every M, to the
+simulated step (``rank_seconds``).
 """
 
 from __future__ import annotations
@@ -82,16 +90,34 @@ class RangeInfo:
     grad_fixed: int
 
 
-def objective(schedule: str, microbatches: int, costs: list[StageCost]) -> float:
+TIE_WEIGHT = 0.01  # weight of the bottleneck term at one microbatch (see the module doc)
+FORCED_TIE_WEIGHT = 0.25  # the same with a forced stage count, which must cut the model for real
+
+
+def max_weight(microbatches: int, tie: float = TIE_WEIGHT) -> float:
+    """Weight of the objective's bottleneck term: ``M - 1``, or ``tie`` at one microbatch."""
+    return microbatches - 1.0 if microbatches > 1 else tie
+
+
+def rank_seconds(step: float, forward: list[float], backward: list[float], microbatches: int,
+                 tie: float = TIE_WEIGHT) -> float:
+    """The final ranking key of a plan: its simulated step plus ``tie`` x its slowest stage's time
+    per microbatch (at every M, so that plans of different microbatch counts compare fairly)."""
+    if not forward:
+        return step
+    return step + tie * max(f + b for f, b in zip(forward, backward))
+
+
+def objective(schedule: str, microbatches: int, costs: list[StageCost], tie: float = TIE_WEIGHT) -> float:
     """Predicted step seconds of a plan (formula in the module doc)."""
     if not costs:
         return math.inf
     total = sum(c.forward + c.backward for c in costs)
     ar = max(c.allreduce for c in costs)
     if schedule == "gpipe":
-        return total + (microbatches - 1) * (max(c.forward for c in costs) + max(c.backward for c in costs)) + ar
+        return total + max_weight(microbatches, tie) * (max(c.forward for c in costs) + max(c.backward for c in costs)) + ar
     n = len(costs)
-    return total + max(bottleneck_1f1b(c.forward + c.backward, c.forward, microbatches, n - i)
+    return total + max(bottleneck_1f1b(c.forward + c.backward, c.forward, microbatches, n - i, tie)
                        for i, c in enumerate(costs)) + ar
 
 
@@ -100,9 +126,11 @@ def warmup(microbatches: int, stages_left: int) -> int:
     return min(stages_left - 1, microbatches - 1)
 
 
-def bottleneck_1f1b(total: float, forward: float, microbatches: int, stages_left: int) -> float:
-    """A 1F1B stage's term of the objective: ``(M - 1) U_s - min(S - s - 1, M - 1) F_s``."""
-    return (microbatches - 1) * total - warmup(microbatches, stages_left) * forward
+def bottleneck_1f1b(total: float, forward: float, microbatches: int, stages_left: int,
+                    tie: float = TIE_WEIGHT) -> float:
+    """A 1F1B stage's term of the objective: ``(M - 1) U_s - min(S - s - 1, M - 1) F_s`` (at M = 1:
+    ``tie * U_s``)."""
+    return max_weight(microbatches, tie) * total - warmup(microbatches, stages_left) * forward
 
 
 def in_flight(schedule: str, microbatches: int, stages: int, index: int) -> int:
@@ -134,6 +162,7 @@ class CostModel:
         self._block_arrays: dict[int, tuple[np.ndarray, ...]] = {}
         self._ranges: dict[tuple[int, int], RangeInfo] = {}
         self._shared: bool | None = None
+        self._blocked: list[bool] | None = None
         self._float_value = {k: (v.is_tensor and any(t in v.dtype for t in _FLOAT_DTYPES))
                              for k, v in profile.values.items()}
 
@@ -219,13 +248,26 @@ class CostModel:
         return StageCost(f + cf, b + cb, ar, mem, f, b, cf, cb, m, checkpoint, bool(mem <= self.capacity))
 
     def best_stage_cost(self, start: int, end: int, replicas: int, microbatches: int, link_in: str | None,
-                        allreduce: str, in_flight: int) -> StageCost:
-        """Without checkpointing when it fits, else with it (the search's choice); may be infeasible."""
+                        allreduce: str, in_flight: int, checkpoint: str | None = None) -> StageCost:
+        """Without checkpointing when it fits, else with it (the search's choice); may be infeasible.
+        ``checkpoint`` 'on' or 'off' forces the choice."""
+        if checkpoint is not None:
+            return self.stage_cost(start, end, replicas, microbatches, link_in, allreduce, in_flight,
+                                   checkpoint == "on")
         plain = self.stage_cost(start, end, replicas, microbatches, link_in, allreduce, in_flight, False)
         if plain.feasible:
             return plain
         ck = self.stage_cost(start, end, replicas, microbatches, link_in, allreduce, in_flight, True)
         return ck if ck.feasible else plain
+
+    def cut_blocked(self) -> list[bool]:
+        """Per block boundary: whether stages on either side must have equal replica counts
+        (a value without a batch dimension crosses it; planner/redistribution.py)."""
+        if self._blocked is None:
+            from rannc_cli.planner.redistribution import cut_blocked
+
+            self._blocked = cut_blocked(self.profile)
+        return self._blocked
 
     def has_shared_parameters(self) -> bool:
         """Whether a trainable parameter is used by more than one block (a tied embedding, say)."""

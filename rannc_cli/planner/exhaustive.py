@@ -5,7 +5,8 @@
 Enumerates every split of the units into stages, every replica count per stage, both placements
 the rule allows per stage (placement.py), every microbatch count and both schedules, and prices
 each plan with the scalar cost model (links from the device lists, checkpointing only where a
-stage does not fit without it). It shares no code with the DP beyond the cost model and the
+stage does not fit without it, or as forced); plans cutting a blocked boundary between unequal
+replica counts (redistribution.py) and, with ``all_devices``, plans leaving a GPU idle are skipped. It shares no code with the DP beyond the cost model and the
 placement rule, so `search == exhaustive` checks the DP's recursion, bucketing and thresholds.
 """
 
@@ -32,11 +33,12 @@ def exhaustive(cm: CostModel, bounds: list[int], space: SearchSpace, all_schedul
     best: Candidate | None = None
     count = 0
     cache: dict[tuple, StageCost] = {}
+    blocked = cm.cut_blocked()
 
     def cost(a: int, e: int, r: int, m: int, lin: str | None, ar: str, k: int) -> StageCost:
         key = (a, e, r, m, lin, ar, k)
         if key not in cache:
-            cache[key] = cm.best_stage_cost(bounds[a], bounds[e], r, m, lin, ar, k)
+            cache[key] = cm.best_stage_cost(bounds[a], bounds[e], r, m, lin, ar, k, space.checkpoint)
         return cache[key]
 
     for schedule in schedules:
@@ -49,6 +51,11 @@ def exhaustive(cm: CostModel, bounds: list[int], space: SearchSpace, all_schedul
                     return
                 if space.forced_replicas is not None and [r for _, _, r, _ in layout] != list(space.forced_replicas):
                     return
+                if any(blocked[bounds[a]] and r != layout[i - 1][2] for i, (a, _, r, _) in enumerate(layout) if i):
+                    return  # a value without a batch dimension would cross between unequal replica counts
+                if space.all_devices and (layout[-1][3] + layout[-1][2] != total
+                                          or sum(r for _, _, r, _ in layout) != total):
+                    return
                 costs = []
                 prev = None
                 for i, (a, e, r, s) in enumerate(layout):
@@ -59,7 +66,7 @@ def exhaustive(cm: CostModel, bounds: list[int], space: SearchSpace, all_schedul
                     costs.append(c)
                     prev = devs
                 count += 1
-                obj = objective(schedule, m, costs)
+                obj = objective(schedule, m, costs, space.tie)
                 if best is None or obj < best.objective:
                     best = Candidate(obj, schedule, m, tuple((bounds[a], bounds[e], r, s, c.checkpoint)
                                                              for (a, e, r, s), c in zip(layout, costs)))

@@ -94,6 +94,35 @@ def load_plan(path: Path | str) -> Plan:
     return plan_from_dict(data, str(path))
 
 
+def check_shape(plan: Plan, nodes: int, gpus_per_node: int, source: str = "plan", hint: str | None = None) -> None:
+    """Refuse a plan made for another cluster shape (nodes x GPUs per node) than this run's.
+
+        check_shape(plan, nodes=1, gpus_per_node=4, source="plan.yaml")   # RanncError naming both shapes
+    """
+    shape = plan.cluster or {}
+    made = (shape.get("nodes"), shape.get("gpus_per_node"))
+    if None in made:  # a hand-made plan without a recorded shape: its devices must exist here
+        world = nodes * gpus_per_node
+        far = [d for st in plan.stages for d in st.devices if int(d[0]) * gpus_per_node + int(d[1]) >= world
+               or int(d[1]) >= gpus_per_node]
+        if far:
+            raise RanncError(f"{source} places a replica on GPU {list(far[0])}, outside this run's {nodes} node(s) x "
+                             f"{gpus_per_node} process(es)", hint=hint or "make a plan for this shape with `rannc plan`")
+        return
+    if (int(made[0]), int(made[1])) != (nodes, gpus_per_node):
+        raise RanncError(f"{source} was made for {made[0]} node(s) x {made[1]} GPUs ({int(made[0]) * int(made[1])} "
+                         f"processes); this run has {nodes} node(s) x {gpus_per_node} process(es)",
+                         hint=hint or f"make a plan for this shape with `rannc plan --nodes {nodes} --gpus {gpus_per_node}`")
+
+
+def check_forced(plan: Plan, forced, source: str = "plan") -> None:
+    """Refuse forced parts (``forced.Forced``) that contradict a given plan file."""
+    bad = forced.violations(plan)
+    if bad:
+        raise RanncError(f"{forced.flags()} contradicts {source} ({'; '.join(bad)})",
+                         hint="drop those settings to run the plan as it is, or make a new plan with them")
+
+
 def check_plan(plan: Plan, profile_hash: str, cluster_fingerprint: str, n_blocks: int, cluster: ClusterSpec | None = None,
                source: str = "plan") -> None:
     """Refuse a plan made for another model or cluster shape, with one clear line."""

@@ -8,8 +8,10 @@ units and keeps its runners-up; refine.py re-places the boundaries of the best s
 their two-way splits) exactly over the blocks; the 12 best by objective are simulated
 (simulate.py), the best three structures are polished under the simulator, and the plan with the
 shortest simulated step is chosen. If a baseline still simulates faster, that plan is returned
-instead and the report says so. Forced parts (stages, replicas, microbatches, schedule) narrow the space; the
-rest is still searched. When nothing fits, one RanncError says how much memory the model needs,
+instead and the report says so. Forced parts (stages, replicas, microbatches, schedule,
+checkpointing, all devices) become one forced.Forced that every step respects; the rest is still
+searched, and the returned plan honours them and passes the runtime's acceptance check
+(redistribution.py), or a RanncError names the part that cannot hold. When nothing fits, one RanncError says how much memory the model needs,
 which block cannot fit one GPU (if any) and the smallest cluster that would fit.
 """
 
@@ -17,16 +19,18 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from rannc_cli.errors import RanncError
 from rannc_cli.planner.baselines import Baseline, evaluate_baselines
 from rannc_cli.planner.cluster import ClusterSpec
 from rannc_cli.planner.coarsen import coarsen
-from rannc_cli.planner.costmodel import CostModel
+from rannc_cli.planner.costmodel import TIE_WEIGHT, CostModel, rank_seconds
+from rannc_cli.planner.forced import Forced
 from rannc_cli.planner.exhaustive import MAX_UNITS, exhaustive
 from rannc_cli.planner.placement import devices
 from rannc_cli.planner.plan import Plan, StagePlan
+from rannc_cli.planner.redistribution import check_plan_runs
 from rannc_cli.planner.refine import Refiner
 from rannc_cli.planner.search import Candidate, SearchSpace, min_devices, search
 from rannc_cli.planner.simulate import Simulation, simulate
@@ -51,6 +55,7 @@ class PlanReport:
     chosen_from: str = "search"  # or "baseline NAME" when a baseline simulated faster than every searched plan
     search_step_seconds: float = 0.0  # simulated step of the search's own best plan
     optimality_gap: float = 0.0  # > 0 when the DP-run budget stopped the search: objective within this fraction
+    baseline_notes: dict[str, str] = field(default_factory=dict)  # why a baseline is None: not applicable / no fit
 
 
 def candidate_plan(c: Candidate, cm: CostModel) -> Plan:
@@ -86,23 +91,76 @@ def annotate(plan: Plan, sim: Simulation, cm: CostModel, profile: Profile) -> Pl
     return plan
 
 
+def rank_key(plan: Plan, sim: Simulation, tie: float = TIE_WEIGHT) -> tuple[float, float]:
+    """How final candidates are ranked: simulated step (with the one-microbatch tie-break toward
+    time-balanced stages, costmodel.rank_seconds), then the objective."""
+    return (rank_seconds(sim.step_seconds, [c.forward for c in sim.costs], [c.backward for c in sim.costs],
+                         plan.microbatches, tie), sim.objective_seconds)
+
+
 def make_plan(profile: Profile, cluster: ClusterSpec, batch_size: int | None = None, stages: int | None = None,
               replicas: list[int] | None = None, microbatches: int | None = None, schedule: str | None = None,
               use_exhaustive: bool = False, max_units: int | None = None, with_baselines: bool = True,
-              keep: int = 12) -> PlanReport:
-    """Search the fastest plan of ``profile`` on ``cluster`` (see the module doc)."""
+              keep: int = 12, checkpoint: str | None = None, all_devices: bool = False) -> PlanReport:
+    """Search the fastest plan of ``profile`` on ``cluster`` (see the module doc).
+
+    Forced parts (``stages``, ``replicas``, ``microbatches``, ``schedule``, ``checkpoint`` 'on'/'off',
+    ``all_devices``) become one ``Forced`` that every step respects; the returned plan honours all of
+    them and passes the runtime's acceptance check (redistribution.py), or a RanncError says why not.
+    """
+    forced = Forced(stages, tuple(replicas) if replicas else None, microbatches, schedule, checkpoint, all_devices)
+    cm = CostModel(profile, cluster, batch_size)
+    forced.conflicts(cm)
+    try:
+        return _make_plan(profile, cm, forced, use_exhaustive, max_units, with_baselines, keep)
+    except _NoPlan as exc:
+        if not forced.all_devices:
+            raise exc.error from None
+    # no plan keeps every GPU busy: the best plan that fits, saying why GPUs stay idle
+    try:
+        report = _make_plan(profile, cm, replace(forced, all_devices=False), use_exhaustive, max_units, with_baselines,
+                            keep)
+    except _NoPlan as exc:
+        raise exc.error from None
+    report.plan.predicted["idle_reason"] = idle_reason(cm, report.plan, exhausted=True)
+    return report
+
+
+class _NoPlan(Exception):
+    def __init__(self, error: RanncError):
+        self.error = error
+
+
+def idle_reason(cm: CostModel, plan: Plan, exhausted: bool = False) -> str:
+    """One line on why ``plan`` leaves GPUs of the cluster idle ('' when it uses them all)."""
+    used, total = plan.devices_used, cm.cluster.devices
+    if used >= total:
+        return ""
+    widest = cm.microbatch(1)
+    if widest * cm.n < total:
+        why = f"a batch of {cm.batch_size} feeds at most {widest} replicas per stage over {cm.n} blocks"
+    elif exhausted:
+        why = f"no plan using all {total} fits in memory or keeps the forced parts"
+    else:
+        why = f"every plan of the search space on all {total} is predicted slower (more replicas cost more " \
+              "all-reduce and smaller shards than they save) or does not fit"
+    return f"uses {used} of {total} GPUs: {why}"
+
+
+def _make_plan(profile: Profile, cm: CostModel, forced: Forced, use_exhaustive: bool, max_units: int | None,
+               with_baselines: bool, keep: int) -> PlanReport:
     from rannc_cli.config import settings
 
-    cm = CostModel(profile, cluster, batch_size)
+    stages = forced.stages
     units_cap = int(max_units or settings.get("planner_max_units"))
     if use_exhaustive:
         units_cap = min(units_cap, MAX_UNITS)
     if stages is not None and stages > len(profile.blocks):
-        raise RanncError(f"--stages {stages} exceeds the profile's {len(profile.blocks)} blocks")
+        raise RanncError(f"--stages {stages} exceeds the profile's {len(profile.blocks)} blocks",
+                         hint=f"use at most {len(profile.blocks)} stages")
     units_cap = max(units_cap, stages or 1)
     bounds = coarsen(cm, units_cap)
-    space = SearchSpace.build(cm, schedules=[schedule] if schedule else None,
-                              microbatches=[microbatches] if microbatches else None, stages=stages, replicas=replicas)
+    space = SearchSpace.from_forced(cm, forced)
     if stages is not None and stages > len(bounds) - 1:
         raise RanncError(f"--stages {stages} exceeds the {len(bounds) - 1} units left after coarsening",
                          hint="raise RANNC_PLANNER_MAX_UNITS")
@@ -110,7 +168,7 @@ def make_plan(profile: Profile, cluster: ClusterSpec, batch_size: int | None = N
     count = None
     gap = 0.0
     if use_exhaustive:
-        best, count = exhaustive(cm, bounds, space, all_schedules=schedule is None)
+        best, count = exhaustive(cm, bounds, space, all_schedules=forced.schedule is None)
         cands = [best] if best else []
         calls = 0
     else:
@@ -120,16 +178,16 @@ def make_plan(profile: Profile, cluster: ClusterSpec, batch_size: int | None = N
             gap = result.best.objective / result.lower_bound - 1 if result.lower_bound > 0 else math.inf
     refiner = None
     if cands and not use_exhaustive:
-        refiner = Refiner(cm, coarsen(cm, REFINE_UNITS))
+        refiner = Refiner(cm, coarsen(cm, REFINE_UNITS), forced)
         if len(refiner.bounds) > len(bounds):  # the search ran on coarsened units: re-place boundaries finely
             cands = refiner.refine_all(cands)
     if not cands:
-        raise infeasible(cm, bounds, space, forced=bool(stages or replicas or microbatches or schedule))
+        raise _NoPlan(infeasible(cm, bounds, space, forced=forced.shapes_plan))
     sims = []
     for c in cands[:keep]:
         plan = candidate_plan(c, cm)
         sims.append((plan, simulate(plan, cm)))
-    sims.sort(key=lambda ps: (ps[1].step_seconds, ps[1].objective_seconds))
+    sims.sort(key=lambda ps: rank_key(*ps, forced.tie))
     if refiner is not None:  # the simulator's last word on the boundaries of the best few structures
         polished: set[tuple] = set()
         for plan, sim in list(sims):
@@ -139,23 +197,27 @@ def make_plan(profile: Profile, cluster: ClusterSpec, batch_size: int | None = N
             polished.add(key)
             c = plan_candidate(plan, cm, sim.objective_seconds)
             got = refiner.polish(c)
-            if got is not None and got[1] < sim.step_seconds * (1 - 1e-12):
+            if got is not None and got[1] < rank_key(plan, sim, forced.tie)[0] * (1 - 1e-12):
                 better = candidate_plan(got[0], cm)
                 sims.append((better, simulate(better, cm)))
             if len(polished) >= POLISH_STRUCTURES:
                 break
-        sims.sort(key=lambda ps: (ps[1].step_seconds, ps[1].objective_seconds))
+        sims.sort(key=lambda ps: rank_key(*ps, forced.tie))
         calls += refiner.calls
     elapsed = time.perf_counter() - t0
-    base = evaluate_baselines(cm, space.microbatches if microbatches else SearchSpace.build(cm).microbatches) \
-        if with_baselines else {}
+    sims = [ps for ps in sims if acceptable(ps[0], cm, forced)]  # a guard: the search already keeps to both
+    if not sims:
+        raise _NoPlan(RanncError(f"no plan found that keeps {forced.flags() or 'the planner rules'} and that the "
+                                 "runtime can run", hint="drop some forced settings"))
+    notes: dict[str, str] = {}
+    base = evaluate_baselines(cm, space.microbatches if forced.microbatches else SearchSpace.build(cm).microbatches,
+                              forced, notes) if with_baselines else {}
     searched = sims[0][1].step_seconds
-    unforced = not (stages or replicas or microbatches or schedule or use_exhaustive)
     chosen_from = "search"
-    feasible_base = {k: b for k, b in base.items() if b is not None}
-    if unforced and feasible_base:  # never return a plan slower than a baseline
-        name, b = min(feasible_base.items(), key=lambda kv: kv[1].simulation.step_seconds)
-        if b.simulation.step_seconds < sims[0][1].step_seconds:
+    feasible_base = {k: b for k, b in base.items() if b is not None and acceptable(b.plan, cm, forced)}
+    if not forced.shapes_plan and not use_exhaustive and feasible_base:  # never return a plan slower than a baseline
+        name, b = min(feasible_base.items(), key=lambda kv: rank_key(kv[1].plan, kv[1].simulation, forced.tie))
+        if rank_key(b.plan, b.simulation, forced.tie) < rank_key(*sims[0], forced.tie):
             sims.insert(0, (Plan(b.plan.schedule, b.plan.microbatches, b.plan.batch_size,
                                  [StagePlan(s.start, s.end, s.replicas, list(s.devices), s.checkpoint)
                                   for s in b.plan.stages]), b.simulation))
@@ -165,7 +227,23 @@ def make_plan(profile: Profile, cluster: ClusterSpec, batch_size: int | None = N
     plan.predicted["chosen_from"] = chosen_from
     plan.predicted["search_step_seconds"] = searched
     plan.predicted["optimality_gap"] = gap
-    return PlanReport(plan, sim, cm, base, sims[1:], elapsed, len(bounds) - 1, calls, count, chosen_from, searched, gap)
+    if plan.devices_used < cm.cluster.devices:
+        plan.predicted["idle_reason"] = idle_reason(cm, plan)
+    report = PlanReport(plan, sim, cm, base, sims[1:], elapsed, len(bounds) - 1, calls, count, chosen_from, searched,
+                        gap)
+    report.baseline_notes = notes
+    return report
+
+
+def acceptable(plan: Plan, cm: CostModel, forced: Forced) -> bool:
+    """Whether ``plan`` honours every forced part and passes the runtime's acceptance check."""
+    if forced.violations(plan, cm.cluster.devices):
+        return False
+    try:
+        check_plan_runs(cm.profile, plan)
+    except RanncError:
+        return False
+    return True
 
 
 def infeasible(cm: CostModel, bounds: list[int], space: SearchSpace, forced: bool) -> RanncError:

@@ -13,7 +13,10 @@ the DP is a chain: ``F[s][e] = min_a F[s-1][a] + cost_s(a, e)``, S x n^2 work pe
 milliseconds for 100 blocks and 32 stages. The objective's max terms are handled by the same
 best-first branch and bound over threshold levels as the coarse search (search._branch_and_bound),
 so the result is the exact optimum of the objective for that structure; the coarse plan itself is
-one of the options, so refinement never makes the objective worse.
+one of the options, so refinement never makes the objective worse. Cuts a value without a batch
+dimension crosses are masked between stages of unequal replica counts (redistribution.py), and
+the forced parts (forced.Forced) hold: no deeper-pipeline splits under a forced stage count, no
+doubled microbatch count under a forced one, forced checkpointing on every stage.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import math
 
 import numpy as np
 
-from rannc_cli.planner.costmodel import CostModel, warmup
+from rannc_cli.planner.costmodel import TIE_WEIGHT, CostModel, max_weight, rank_seconds, warmup
 from rannc_cli.planner.placement import devices, link_in, replica_ok
 from rannc_cli.planner.simulate import allreduce_times, makespan
 from rannc_cli.planner.search import INF, Candidate, _branch_and_bound, _State, unit_ranges
@@ -31,8 +34,9 @@ from rannc_cli.planner.search import INF, Candidate, _branch_and_bound, _State, 
 class _Chain:
     """Stage options of a fixed stage structure over ``bounds``: arrays (stage, start unit, end unit)."""
 
-    def __init__(self, cm: CostModel, cand: Candidate, bounds: list[int], ranges: dict):
-        self.cm, self.bounds = cm, bounds
+    def __init__(self, cm: CostModel, cand: Candidate, bounds: list[int], ranges: dict, checkpoint: str | None = None,
+                 tie: float = TIE_WEIGHT):
+        self.cm, self.bounds, self.tie = cm, bounds, tie
         self.schedule, self.m = cand.schedule, cand.microbatches
         cl = cm.cluster
         g = cl.gpus_per_node
@@ -84,10 +88,20 @@ class _Chain:
             k = min(self.m, S - s) if self.schedule == "1f1b" else self.m
             plain = (static + k * (a + in_b) + pk <= cm.capacity) & tri
             ck = ~plain & (static + k * in_b + a + pk <= cm.capacity) & tri
+            if checkpoint == "on":
+                plain, ck = np.zeros_like(plain), (static + k * in_b + a + pk <= cm.capacity) & tri
+            elif checkpoint == "off":
+                ck = np.zeros_like(ck)
             self.FW[s] = np.where(plain | ck, f + cf, INF)
             self.BW[s] = np.where(plain, b + cb, np.where(ck, rc + cb, INF))
             self.CK[s] = ck
             self.AR[s] = np.where(plain | ck, ar, INF)
+        blocked = np.array([cm.cut_blocked()[b] for b in bounds], dtype=bool)
+        for s in range(1, S):  # no cut that a value without a batch dimension crosses between unequal replicas
+            if self.reps[s] != self.reps[s - 1]:
+                self.FW[s][blocked, :] = INF
+                self.BW[s][blocked, :] = INF
+                self.AR[s][blocked, :] = INF
         self.UT = self.FW + self.BW
         self.V = self.UT
         if self.schedule == "1f1b" and self.m > 1:  # costmodel.bottleneck_1f1b / (M - 1)
@@ -96,9 +110,10 @@ class _Chain:
                 self.V = np.where(np.isfinite(self.UT), self.UT - w[:, None, None] * self.FW, INF)
 
     def max_terms(self) -> tuple[list[np.ndarray], list[float]]:
+        w = max_weight(self.m, self.tie)
         if self.schedule == "gpipe":
-            return [self.FW, self.BW, self.AR], [self.m - 1.0, self.m - 1.0, 1.0]
-        return [self.V, self.AR], [self.m - 1.0, 1.0]
+            return [self.FW, self.BW, self.AR], [w, w, 1.0]
+        return [self.V, self.AR], [w, 1.0]
 
     def dp(self, value: np.ndarray, combine: str = "sum") -> tuple[float, list[tuple[int, int, int]]] | None:
         """Least sum (or max) of ``value`` over the chain; (value, [(stage, start unit, end unit)])."""
@@ -175,8 +190,11 @@ class Refiner:
         cand, step = rf.polish(cand)                       # boundaries moved while the simulation improves
     """
 
-    def __init__(self, cm: CostModel, bounds: list[int]):
+    def __init__(self, cm: CostModel, bounds: list[int], forced=None):
+        from rannc_cli.planner.forced import Forced
+
         self.cm, self.bounds = cm, bounds
+        self.forced = forced if forced is not None else Forced()
         self.ranges = unit_ranges(cm, bounds)
         self.chains: dict[tuple, _Chain] = {}
         self.calls = 0
@@ -185,7 +203,7 @@ class Refiner:
     def chain(self, c: Candidate) -> _Chain:
         key = structure(c)
         if key not in self.chains:
-            self.chains[key] = _Chain(self.cm, c, self.bounds, self.ranges)
+            self.chains[key] = _Chain(self.cm, c, self.bounds, self.ranges, self.forced.checkpoint, self.forced.tie)
         return self.chains[key]
 
     def refine_all(self, cands: list[Candidate], structures: int = 8) -> list[Candidate]:
@@ -218,8 +236,11 @@ class Refiner:
 
     def splits(self, c: Candidate) -> list[Candidate]:
         """``c``'s structure with every stage split into two stages of half its replicas (when the
-        halves can be placed and there are enough units), at M and at 2M microbatches."""
+        halves can be placed and there are enough units), at M and at 2M microbatches; none when the
+        stage count is forced, only M when the microbatch count is."""
         g = self.cm.cluster.gpus_per_node
+        if self.forced.stages is not None:
+            return []
         stages = []
         for _, _, r, start, _ in c.stages:
             if r < 2 or r % 2 or not replica_ok(r // 2, g):
@@ -228,7 +249,7 @@ class Refiner:
         if len(stages) > len(self.bounds) - 1:
             return []
         out = []
-        for m in (c.microbatches, 2 * c.microbatches):
+        for m in (c.microbatches,) if self.forced.microbatches is not None else (c.microbatches, 2 * c.microbatches):
             if m <= self.cm.batch_size and self.cm.batch_size % m == 0 and max(st[2] for st in stages) <= self.cm.microbatch(m):
                 out.append(Candidate(INF, c.schedule, m, tuple(stages)))
         return out
@@ -241,7 +262,8 @@ class Refiner:
         The DP's 1F1B objective is the bubble formula, which over-charges a pipeline whose slowest
         stage comes early (its downstream round trip overlaps the warm-up forwards, see
         costmodel.py); the simulation is the finer model, so its last word on the boundaries
-        recovers what the formula misranks. Returns (candidate, simulated step) or None."""
+        recovers what the formula misranks. Returns (candidate, its ranking key: the simulated
+        step, plus the tie-break term at one microbatch, costmodel.rank_seconds) or None."""
         ch = self.chain(cand)
         index = {b: i for i, b in enumerate(self.bounds)}
         if any(st[0] not in index or st[1] not in index for st in cand.stages):
@@ -264,7 +286,7 @@ class Refiner:
                                                for s, st in enumerate(cand.stages)])
             else:
                 ar = [float(ch.AR[s, p[s], p[s + 1]]) for s in range(S)]
-            return makespan(fw, bw, sched, m) + max(ar)
+            return rank_seconds(makespan(fw, bw, sched, m) + max(ar), fw, bw, m, self.forced.tie)
 
         best = step(pos)
         if not np.isfinite(best):

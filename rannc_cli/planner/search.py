@@ -22,6 +22,12 @@ and bisects the widest one (the upper half keeps its parent's DP result, only th
 a new DP), so it needs a few dozen DP runs where walking the levels one at a time needed
 thousands. Every DP result is kept as a candidate for refinement (refine.py), the simulator and
 `--explain`.
+
+Runtime rules the DP keeps (redistribution.py): a unit boundary crossed by a tensor without a
+batch dimension must have equal replica counts on both sides, so where the profile has such a
+boundary the state also carries the last stage's replica index; ``SearchSpace.all_devices`` keeps
+only plans that end on the last GPU without placement gaps (every GPU busy); a forced checkpoint
+setting replaces the "only where it does not fit otherwise" rule.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from rannc_cli.errors import RanncError
-from rannc_cli.planner.costmodel import SCHEDULES, CostModel, warmup
+from rannc_cli.planner.costmodel import SCHEDULES, TIE_WEIGHT, CostModel, max_weight, warmup
 from rannc_cli.planner.placement import replica_ok
 
 INF = math.inf
@@ -54,16 +60,39 @@ class SearchSpace:
     replicas: list[int]
     stages: int | None = None
     forced_replicas: list[int] | None = None
+    checkpoint: str | None = None  # forced 'on' / 'off' for every stage; None: only where a stage needs it
+    all_devices: bool = False  # only plans that use every GPU (contiguous, no placement gaps)
+    tie: float = TIE_WEIGHT  # bottleneck weight at one microbatch (costmodel.max_weight)
+
+    @classmethod
+    def from_forced(cls, cm: CostModel, forced) -> "SearchSpace":
+        """The space narrowed by a ``forced.Forced`` (the one object every planner step respects)."""
+        space = cls.build(cm, schedules=[forced.schedule] if forced.schedule else None,
+                          microbatches=[forced.microbatches] if forced.microbatches else None, stages=forced.stages,
+                          replicas=list(forced.replicas) if forced.replicas else None, checkpoint=forced.checkpoint,
+                          all_devices=forced.all_devices)
+        space.tie = forced.tie
+        return space
 
     @classmethod
     def build(cls, cm: CostModel, schedules: list[str] | None = None, microbatches: list[int] | None = None,
-              stages: int | None = None, replicas: list[int] | None = None, max_microbatches: int | None = None) -> "SearchSpace":
+              stages: int | None = None, replicas: list[int] | None = None, max_microbatches: int | None = None,
+              checkpoint: str | None = None, all_devices: bool = False) -> "SearchSpace":
         """Candidates for a cluster and batch; forced values (CLI flags) replace the candidates."""
         from rannc_cli.config import settings
+        from rannc_cli.planner.redistribution import dynamic_batch
 
         g, n = cm.cluster.gpus_per_node, cm.cluster.nodes
         b = cm.batch_size
         limit = int(max_microbatches or settings.get("planner_max_microbatches"))
+        fixed = not dynamic_batch(cm.profile)  # captured at a fixed batch size: no slicing at all
+        if fixed and ((microbatches and max(microbatches) > 1) or (replicas and max(replicas) > 1)):
+            raise RanncError("the model was captured with a fixed batch size, so its batch cannot be split into "
+                             "microbatches or among replicas",
+                             hint="force one microbatch and one replica per stage, or make the model accept any "
+                                  "batch size")
+        if fixed and microbatches is None:
+            microbatches = [1]
         if microbatches is None:
             ms = sorted({m for m in range(1, b + 1) if b % m == 0 and (m & (m - 1) == 0 or m == b) and m <= limit} or {1})
         else:
@@ -73,6 +102,8 @@ class SearchSpace:
                     raise RanncError(f"--microbatches {m} must be between 1 and the batch size {b}")
         cands = sorted({1 << i for i in range(g.bit_length()) if (1 << i) <= g} | {g}
                        | {k * g for k in _node_counts(n)})
+        if fixed:
+            cands = [1]
         if replicas is not None:
             if stages is not None and stages != len(replicas):
                 raise RanncError(f"--stages {stages} disagrees with --replicas ({len(replicas)} values)",
@@ -92,7 +123,10 @@ class SearchSpace:
                 raise RanncError(f"unknown schedule {s!r}", hint=f"use one of {', '.join(SCHEDULES)}")
         # 1F1B is never slower and never needs more memory than GPipe under this cost model, so an
         # unforced search only tries 1F1B (the exhaustive search tries both and agrees).
-        return cls(list(schedules or ["1f1b"]), ms, [r for r in cands if r <= g * n], stages, replicas)
+        if checkpoint not in (None, "on", "off"):
+            raise RanncError(f"checkpoint {checkpoint!r} is not known", hint="use auto, on or off")
+        return cls(list(schedules or ["1f1b"]), ms, [r for r in cands if r <= g * n], stages, replicas, checkpoint,
+                   all_devices)
 
 
 def _node_counts(n: int) -> list[int]:
@@ -131,6 +165,10 @@ class _Tables:
         else:
             self.J = space.stages if space.stages is not None else 1
         self.bucket = space.stages is None
+        self.all_devices = space.all_devices
+        self.tie = space.tie
+        blocked = cm.cut_blocked()
+        self.blocked = np.array([blocked[b] for b in bounds], dtype=bool)  # unit boundary a: equal replicas around it
         J, nR = self.J, len(self.R)
         shape = (U + 1, U + 1, nR, 3, J)
         self.FW = np.full(shape, INF)
@@ -176,6 +214,10 @@ class _Tables:
                     mem_ck = static + k * in_b + a + pk
                     plain = (mem_plain <= cm.capacity) & tri
                     ck = ~plain & (mem_ck <= cm.capacity) & tri
+                    if space.checkpoint == "on":
+                        plain, ck = np.zeros_like(plain), (mem_ck <= cm.capacity) & tri
+                    elif space.checkpoint == "off":
+                        ck = np.zeros_like(ck)
                     self.FW[:, :, ri, li, j - 1] = np.where(plain | ck, f + cf, INF)
                     self.BW[:, :, ri, li, j - 1] = np.where(plain, b + cb, np.where(ck, rc + cb, INF))
                     self.CK[:, :, ri, li, j - 1] = ck
@@ -207,9 +249,10 @@ class _Tables:
     # ------------------------------------------------------------------ one DP
     def coords(self) -> tuple[list[np.ndarray], list[float]]:
         """The max-coordinates of the objective and their weights."""
+        w = max_weight(self.m, self.tie)
         if self.schedule == "gpipe":
-            return [self.FW, self.BW], [self.m - 1.0, self.m - 1.0]
-        return [self.V], [self.m - 1.0]
+            return [self.FW, self.BW], [w, w]
+        return [self.V], [w]
 
     def max_terms(self) -> tuple[list[np.ndarray], list[float]]:
         """Every max-term of the objective (bottleneck coordinates, all-reduce) over UT's shape, with weights."""
@@ -217,19 +260,32 @@ class _Tables:
         return [*coords, np.broadcast_to(self.AR[..., None, None], self.UT.shape)], weights + [1.0]
 
     def dp(self, value: np.ndarray, combine: str = "sum") -> tuple[float, list[tuple]] | None:
-        """Least sum (or max) of ``value`` over stage options; returns (value, [(a, e, ri, li, j, start)])."""
+        """Least sum (or max) of ``value`` over stage options; returns (value, [(a, e, ri, li, j, start)]).
+
+        When some unit boundary is blocked (a value without a batch dimension crosses it), the state
+        also carries the last stage's replica index ``p``, and a stage starting at a blocked
+        boundary may only follow a stage of its own replica count; elsewhere the least over ``p``
+        is taken. With ``all_devices`` a plan must end on the last GPU with no placement gaps."""
         U, D, J, G = self.U, self.D, self.J, self.G
         nodes = D // G
-        F = np.full((U + 1, D + 1, J + 1), INF)
+        blk = self.blocked
+        P = len(self.R) if blk[1:U].any() else 1
+        F = np.full((U + 1, D + 1, J + 1, P), INF)
         if self.S is not None:
             F[0, 0, self.S] = 0.0
         else:
             F[0, 0, 1:] = 0.0
-        ch = np.full((U + 1, D + 1, J + 1, 5), -1, dtype=np.int64)  # a, prev d, ri, prev j, start device
+        ch = np.full((U + 1, D + 1, J + 1, P, 5), -1, dtype=np.int32)  # a, prev d, ri, prev j, start device
+        Fmin = np.full((U + 1, D + 1, J + 1), INF)  # least over p: what a stage after an open boundary sees
+        Farg = np.zeros((U + 1, D + 1, J + 1), dtype=np.int32)
+        Fmin[0] = F[0].min(-1)
         op = np.add if combine == "sum" else np.maximum
         for e in range(1, U + 1):
-            Fe = F[:e]
+            pinned = P > 1 and bool(blk[:e].any())
             for ri, r in enumerate(self.R):
+                p = ri if P > 1 else 0
+                Fe = np.where(blk[:e, None, None], F[:e, :, :, p], Fmin[:e]) if pinned else Fmin[:e]
+                Fp, cp = F[:, :, :, p], ch[:, :, :, p]
                 d_at, link_at, skip_nodes = self._place[ri]
                 cost_e = value[:e, e, ri]  # (e, 3, J)
                 if not np.isfinite(cost_e).any():
@@ -240,8 +296,8 @@ class _Tables:
                     cand = op(Fe[:, d_at, 1:], sel)
                     a_best = cand.argmin(0)
                     v_best = np.take_along_axis(cand, a_best[None], 0)[0]  # (nd, J); one pass, not argmin + min
-                    self._update(F, ch, e, d_at + r, v_best, a_best, d_at, ri, d_at)
-                if skip_nodes.size and e > 1:
+                    self._update(Fp, cp, e, d_at + r, v_best, a_best, d_at, ri, d_at)
+                if skip_nodes.size and e > 1 and not self.all_devices:
                     base = Fe[1:, : nodes * G].reshape(e - 1, nodes, G, J + 1)[:, skip_nodes, 1:, 1:]  # (e-1, k, G-1, J)
                     if base.size:
                         cand = op(base, cost_e[1:, 2][:, None, None, :])
@@ -252,17 +308,22 @@ class _Tables:
                         a_best = idx // (G - 1) + 1
                         d_prev = skip_nodes[:, None] * G + idx % (G - 1) + 1
                         start = (skip_nodes + 1) * G
-                        self._update(F, ch, e, start + r, v_best, a_best, d_prev, ri, start)
-        finals = F[U, :, 0]
+                        self._update(Fp, cp, e, start + r, v_best, a_best, d_prev, ri, start)
+            Farg[e] = F[e].argmin(-1)
+            Fmin[e] = np.take_along_axis(F[e], Farg[e][..., None], -1)[..., 0]
+        finals = Fmin[U, :, 0]
+        if self.all_devices:
+            finals = np.where(np.arange(D + 1) == D, finals, INF)
         d_end = int(np.argmin(finals))
         if not np.isfinite(finals[d_end]):
             return None
         stages = []
-        e, d, j = U, d_end, 0
+        e, d, j, p = U, d_end, 0, int(Farg[U, d_end, 0])
         while e > 0:
-            a, pd, ri, pj, start = (int(x) for x in ch[e, d, j])
+            a, pd, ri, pj, start = (int(x) for x in ch[e, d, j, p])
             li = 0 if a == 0 else (1 if start == pd and pd % G != 0 else 2)
             stages.append((a, e, ri, li, pj, start))
+            p = ri if (P > 1 and blk[a]) else int(Farg[a, pd, pj])
             e, d, j = a, pd, pj
         stages.reverse()
         return float(finals[d_end]), stages

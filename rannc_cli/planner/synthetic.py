@@ -213,10 +213,13 @@ def hybrid_profile(cnn_width: int = 4, cnn_depths: tuple[int, ...] = (3, 4, 6), 
 
 
 def random_profile(rng: _random.Random, blocks: int = 6, batch_size: int = 8, tied: bool = True,
-                   skips: bool = True) -> Profile:
+                   skips: bool = True, batchless: float = 0.0) -> Profile:
     """A small irregular profile for property tests: random costs, sizes, a tied parameter, skip values.
 
     Blocks read the previous output and, sometimes, an earlier block's output (a value skipping stages).
+    With ``batchless`` > 0 each block's output has no batch dimension with that probability (a
+    partial loss or batch statistic: read by a later block, it may only cross between stages of
+    equal replica counts, see redistribution.py).
     """
     dev = {"peak_flops": 1e12, "efficiency": 1.0, "memory_bandwidth": 1e11, "memory_bytes": 1 << 30, "launch": 0.0}
     sizes = [1, 2, 4, 8] if batch_size >= 8 else [1, batch_size]
@@ -244,6 +247,8 @@ def random_profile(rng: _random.Random, blocks: int = 6, batch_size: int = 8, ti
         last = i == blocks - 1
         values[out] = ValueInfo(out, i, [batch_size], "float32", None if last else 0,
                                 0 if last else rng.randrange(1, 1 << 20), 4 if last else rng.choice([0, 128]), [])
+        if batchless > 0 and not last and rng.random() < batchless:
+            values[out].batch_dim, values[out].bytes_per_sample, values[out].fixed_bytes = None, 0, 4
         pname = f"p{i}"
         parameters[pname] = ParamInfo(pname, [1], "float32", rng.choice([0, rng.randrange(1 << 10, 1 << 26)]),
                                       "parameter", True, [i])

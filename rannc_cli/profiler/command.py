@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from rannc_cli.errors import RanncError
+from rannc_cli.fileio import require_file
 
 
 class _Progress:
@@ -53,8 +54,7 @@ def run_until_first_forward(script: Path, script_args: list[str], on_forward) ->
     """Run ``script`` as __main__; ``on_forward(model, args, kwargs)`` returns the result."""
     from rannc_cli.runtime.hooks import StopScript, first_forward_hook
 
-    if not script.is_file():
-        raise RanncError(f"script {script} does not exist", hint="pass the path of your training script")
+    require_file(script, "script", "pass the path of your training script")
     if script.suffix != ".py":
         raise RanncError(f"script {script} is not a Python file", hint="pass a .py training script")
 

@@ -193,11 +193,23 @@ def save_shards(engine: Any, directory: str | Path) -> Path:
         # the same state in the single-device numbering, for loading into another plan
         shard["optimizer_by_index"] = _to_cpu(opt._rannc_local_state())
         shard["optimizer_groups"] = opt._rannc_groups()
+    for stale in directory.glob(f".rank-{engine.rank}.pt.*.tmp"):  # left by a save that was killed
+        stale.unlink(missing_ok=True)
     if engine.rank == 0:
         save_plan(engine.plan, directory / "plan.yaml")
     _save_atomic(shard, directory / f"rank-{engine.rank}.pt")
     dist.barrier()
     return directory
+
+
+def read_shard(path: Path) -> dict[str, Any]:
+    """torch.load of one shard; a truncated or corrupt file is one RanncError line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, EOFError, UnpicklingError, ...
+        text = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise RanncError(f"checkpoint shard {path} is truncated or corrupt ({text})",
+                         hint="restore the checkpoint folder, or start without it") from None
 
 
 def load_shards(engine: Any, directory: str | Path) -> None:
@@ -207,7 +219,7 @@ def load_shards(engine: Any, directory: str | Path) -> None:
     if not path.is_file():
         raise RanncError(f"checkpoint {directory} has no shard for rank {engine.rank}",
                          hint="resume with as many processes as the checkpoint was saved with")
-    shard = torch.load(path, map_location="cpu", weights_only=False)
+    shard = read_shard(path)
     if shard.get("format") != "rannc-shard" or shard.get("world_size") != engine.world:
         raise RanncError(f"{path} was saved by {shard.get('world_size')} processes, this job has {engine.world}",
                          hint="resume with the same number of processes, or load a full state_dict instead")
@@ -246,7 +258,7 @@ def load_gathered(engine: Any, directory: str | Path) -> None:
     groups = None
     first: dict[str, Any] | None = None
     for path in paths:
-        shard = torch.load(path, map_location="cpu", weights_only=False)
+        shard = read_shard(path)
         if shard.get("format") != "rannc-shard":
             raise RanncError(f"{path} is not a rannc checkpoint shard")
         first = first or shard

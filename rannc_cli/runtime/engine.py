@@ -122,6 +122,9 @@ class Engine:
         self.timeout = datetime.timedelta(seconds=float(settings.get("runtime_timeout")))
         self.device = device_for(env)
         init_distributed(env, self.device)
+        from rannc_cli.runtime import heartbeat
+
+        heartbeat.start(env.rank, env.world_size)  # from now on a stopped rank is named within hang_timeout_seconds
         _install_excepthook()  # after init_process_group, whose own hook would swallow our line
         from rannc_cli.runtime.deferred import give_storage, meta_parameters
 
@@ -280,6 +283,10 @@ class Engine:
             print(f"rannc: plan {len(self.plan.stages)} stage(s) [blocks {parts}], {self.plan.microbatches} "
                   f"microbatch(es), {self.plan.schedule}, {self.world} process(es), {self.device.type}",
                   file=sys.stderr, flush=True)
+            if self.plan.devices_used < self.world:  # say why some processes get no work
+                why = self.plan.predicted.get("idle_reason") or "the plan file leaves them idle"
+                print(f"rannc: {self.world - self.plan.devices_used} process(es) idle: {why}", file=sys.stderr,
+                      flush=True)
         assignment = [i for i, st in enumerate(self.plan.stages) for _ in range(st.start, st.end)]
         stages = build_stages(bg, assignment)
         holders: dict[int, set[int]] = {}

@@ -107,20 +107,13 @@ class Executor:
 
     # ------------------------------------------------------------------ checks
     def _check_slicing(self) -> None:
-        reps = [len(r) for r in self.layout.stage_ranks]
-        sliced = self.microbatches > 1 or max(reps) > 1
-        if sliced and self.captured.batch_symbol is None:
-            raise RanncError("the model was captured with a fixed batch size, so its batch cannot be split into "
-                             "microbatches or among replicas",
-                             hint="use a plan with one replica per stage and one microbatch, or make the model "
-                                  "accept any batch size")
-        for name, consumers in self.consumers.items():
-            v = self.values[name]
-            s = self.producer[name]
-            if v.is_tensor and v.batch_dim is None and any(reps[t] != reps[s] for t in consumers):
-                raise RanncError(f"value {name} crosses from stage {s} to stages {consumers} without a batch "
-                                 "dimension, so it cannot be redistributed between different replica counts",
-                                 hint="give those stages the same number of replicas, or move the boundary")
+        """The planner's acceptance rule (planner/redistribution.py), on this rank's stage values."""
+        from rannc_cli.planner.redistribution import Crossing, check_crossings
+
+        crossings = [Crossing(name, self.values[name].is_tensor, self.values[name].batch_dim, self.producer[name],
+                              tuple(consumers)) for name, consumers in self.consumers.items()]
+        check_crossings(crossings, [len(r) for r in self.layout.stage_ranks], self.microbatches,
+                        self.captured.batch_symbol is not None)
 
     def check_batch(self, batch_size: int) -> None:
         for s, ranks in enumerate(self.layout.stage_ranks):

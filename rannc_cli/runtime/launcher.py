@@ -11,24 +11,29 @@ rank 0's output reaches the terminal. SIGUSR1 (checkpoint now, see rannc_cli/run
 and SIGTERM sent to the launcher are forwarded to every worker. When a
 worker exits non-zero the others get two seconds to report, then are stopped; the exit code is
 that of the worker that failed first (a worker that only lost contact with a failed peer exits
-3 and counts only when no other worker failed), 0 when all succeed.
+3 and counts only when no other worker failed), 0 when all succeed. Every worker beats into a
+heartbeat file (rannc_cli/runtime/heartbeat.py): a worker whose beat has not changed for
+``hang_timeout_seconds`` (a stopped or frozen process) is killed, the others are stopped, and it
+is the one named, with exit code 3. The last line names the rank to blame (see ``blame``).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import IO
 
 from rannc_cli.errors import RanncError
-
-PEER_LOST = 3
+from rannc_cli.fileio import require_file
+from rannc_cli.runtime.heartbeat import PEER_LOST, BeatWatch, hang_timeout
 
 
 def free_port() -> int:
@@ -56,8 +61,7 @@ def run_local(script: str | Path, script_args: list[str], nproc: int, stages: in
               log_dir: str | Path | None = None) -> int:
     """Run ``script`` in ``nproc`` processes; return the exit code (see the module docstring)."""
     script = Path(script)
-    if not script.is_file():
-        raise RanncError(f"script {script} does not exist", hint="pass the path of your training script")
+    require_file(script, "script", "pass the path of your training script")
     if nproc < 1:
         raise RanncError(f"--nproc must be at least 1 (got {nproc})")
     if schedule is not None and schedule not in ("1f1b", "gpipe"):
@@ -66,18 +70,20 @@ def run_local(script: str | Path, script_args: list[str], nproc: int, stages: in
         if stages is not None and stages != len(replicas):
             raise RanncError(f"--stages {stages} but --replicas names {len(replicas)} stages",
                              hint="give one replica count per stage")
-        if sum(replicas) > nproc:
-            raise RanncError(f"--replicas {','.join(map(str, replicas))} needs {sum(replicas)} processes, "
-                             f"--nproc is {nproc}", hint="raise --nproc or lower the replica counts")
+        if sum(replicas) != nproc:  # every process runs a replica; none is left idle
+            raise RanncError(f"--replicas {','.join(map(str, replicas))} use {sum(replicas)} processes, --nproc is "
+                             f"{nproc}", hint=f"give replica counts that sum to {nproc}, or run with --nproc "
+                                              f"{sum(replicas)}")
     if stages is not None and not 1 <= stages <= nproc:
         raise RanncError(f"--stages {stages} must be between 1 and --nproc ({nproc})")
-    if plan is not None and not Path(plan).is_file():
-        raise RanncError(f"plan file {plan} does not exist", hint="create one with `rannc plan --out FILE`")
+    if plan is not None:
+        _check_plan_file(Path(plan), nproc, stages, replicas, microbatches, schedule)
 
     base = dict(os.environ)
     base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(nproc),
                 LOCAL_WORLD_SIZE=str(nproc), PYTHONUNBUFFERED="1")
     base.setdefault("OMP_NUM_THREADS", "1")
+    timeout = hang_timeout()
     for key, value in (("RANNC_STAGES", stages), ("RANNC_MICROBATCHES", microbatches),
                        ("RANNC_SCHEDULE", schedule), ("RANNC_PLAN", plan), ("RANNC_CHECKPOINT", checkpoint),
                        ("RANNC_REPLICAS", ",".join(map(str, replicas)) if replicas else None)):
@@ -94,6 +100,8 @@ def run_local(script: str | Path, script_args: list[str], nproc: int, stages: in
             raise RanncError(f"cannot write rank logs in {log_dir} ({exc.strerror})",
                              hint="pass a writable --log-dir") from None
 
+    beat_dir = tempfile.mkdtemp(prefix="rannc-heartbeat-")  # every rank beats here; see runtime/heartbeat.py
+    base["RANNC_HEARTBEAT_DIR"] = beat_dir
     lock = threading.Lock()
     procs: list[subprocess.Popen] = []
     pumps: list[threading.Thread] = []
@@ -134,6 +142,10 @@ def run_local(script: str | Path, script_args: list[str], nproc: int, stages: in
         signal.signal(signal.SIGUSR1, forward)
     failures: list[tuple[int, int]] = []  # (rank, code) in the order they were seen
     stopped: set[int] = set()
+    hung: tuple[int, float] | None = None  # (rank, seconds without a heartbeat)
+    ages: dict[int, float] = {}
+    watch = BeatWatch(beat_dir, list(range(nproc))) if timeout > 0 else None
+    next_look = 0.0
     deadline = None
     try:
         while True:
@@ -146,13 +158,23 @@ def run_local(script: str | Path, script_args: list[str], nproc: int, stages: in
                     failures.append((rank, code))
             if not running:
                 break
+            now = time.monotonic()
+            if watch is not None and hung is None and now >= next_look:
+                next_look = now + 0.25
+                live = [r for r, proc in enumerate(procs) if proc.poll() is None]
+                ages = {r: a for r, a in watch.poll(live) if watch.started(r)}
+                oldest = max(ages.items(), key=lambda item: item[1], default=None)
+                if oldest is not None and oldest[1] > timeout:
+                    hung = oldest
+                    deadline = now  # nothing to wait for: the others are stuck waiting for it
             if failures and deadline is None:
-                deadline = time.monotonic() + grace
-            if deadline is not None and time.monotonic() > deadline:
+                deadline = now + grace
+            if deadline is not None and now > deadline:
                 for rank, proc in enumerate(procs):
                     if proc.poll() is None:
                         stopped.add(rank)
-                        proc.terminate()
+                        # a stopped (SIGSTOP) process leaves SIGTERM pending: only SIGKILL ends it
+                        proc.kill() if hung is not None and rank == hung[0] else proc.terminate()
                 _reap(procs, 5.0)
                 break
             time.sleep(0.05)
@@ -165,20 +187,68 @@ def run_local(script: str | Path, script_args: list[str], nproc: int, stages: in
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if watch is not None:
+            watch.poll()  # the last word of ranks stopped while they were exiting with their own error
+        shutil.rmtree(beat_dir, ignore_errors=True)
     for t in pumps:
         t.join(timeout=2.0)
     for log in logs:
         log.close()
-    if not failures:
+    if not failures and hung is None:
         return 0
-    origin = next(((r, c) for r, c in failures if c != PEER_LOST), failures[0])
-    rank, code = origin
-    code = 128 - code if code < 0 else code
-    others = [r for r, _ in failures if r != rank] + sorted(stopped)
+    rank, code, what = blame(failures, hung, stopped, ages, timeout, watch.failed if watch is not None else {})
+    others = [r for r, _ in failures if r != rank] + sorted(stopped - {rank})
     tail = f"; stopped or lost ranks {', '.join(map(str, sorted(set(others))))}" if others else ""
     where = f" (see {Path(log_dir) / f'rank-{rank}.log'})" if log_dir is not None else ""
-    print(f"rannc run: rank {rank} failed first (exit code {code}){where}{tail}", file=sys.stderr, flush=True)
+    print(f"rannc run: rank {rank} {what}{where}{tail}", file=sys.stderr, flush=True)
     return code
+
+
+def blame(failures: list[tuple[int, int]], hung: tuple[int, float] | None, stopped: set[int],
+          ages: dict[int, float], timeout: float, raised: dict[int, str] | None = None) -> tuple[int, int, str]:
+    """(rank, exit code, what happened) of the rank to name: the one that failed or stopped answering first.
+
+        blame([(0, 3)], None, {1}, {0: 0.4, 1: 0.9}, 60.0)   # -> (1, 3, "stopped answering first (...)")
+
+    A rank that exited with its own error (not PEER_LOST) comes first, then one whose heartbeat
+    said it was exiting with an uncaught exception (``raised``: stopped before its exit code
+    came), then a rank whose heartbeat stopped, then a rank still running when the others had lost
+    contact with it (the oldest heartbeat among them), then the first rank that lost contact."""
+    own = next(((r, c) for r, c in failures if c != PEER_LOST), None)
+    if own is not None:
+        rank, code = own
+        if code < 0:
+            name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+            return rank, 128 - code, f"failed first (killed by {name}, exit code {128 - code})"
+        return rank, code, f"failed first (exit code {code})"
+    if raised:
+        rank = min(raised)
+        return rank, 1, f"failed first ({raised[rank]}; stopped while exiting)"
+    if hung is not None:
+        return hung[0], PEER_LOST, (f"stopped answering first (no heartbeat for {hung[1]:.1f} s, "
+                                    f"hang_timeout_seconds {timeout:g}; it was hung or stopped, and was killed)")
+    if failures and stopped:
+        rank = max(sorted(stopped), key=lambda r: ages.get(r, 0.0))
+        return rank, PEER_LOST, ("stopped answering first (the other ranks lost contact with it while it still ran; "
+                                 "its heartbeat was alive, so its main thread was stuck)")
+    rank, code = failures[0]
+    return rank, code, f"failed first (exit code {code})"
+
+
+def _check_plan_file(plan: Path, nproc: int, stages: int | None, replicas: list[int] | None,
+                     microbatches: int | None, schedule: str | None) -> None:
+    """Refuse, before any worker starts, a plan file for another shape or contradicting forced flags."""
+    from rannc_cli.planner.forced import Forced
+    from rannc_cli.planner.planfile import check_forced, check_shape, load_plan
+
+    require_file(plan, "plan file", "create one with `rannc plan --out FILE`")
+    loaded = load_plan(plan)
+    made = loaded.cluster or {}
+    hint = None
+    if made.get("nodes") == 1 and made.get("gpus_per_node"):
+        hint = f"run it with --nproc {made['gpus_per_node']}, or make a plan with `rannc plan --nodes 1 --gpus {nproc}`"
+    check_shape(loaded, 1, nproc, str(plan), hint)
+    check_forced(loaded, Forced(stages, tuple(replicas) if replicas else None, microbatches, schedule), str(plan))
 
 
 def _reap(procs: list[subprocess.Popen], timeout: float) -> None:

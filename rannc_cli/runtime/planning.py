@@ -3,10 +3,13 @@
     c = Constraints.from_settings()                      # RANNC_PLAN, RANNC_STAGES, RANNC_REPLICAS, ...
     plan = obtain_plan(model, args, kwargs, bg, env, device, c)   # the same Plan on every rank
 
-Order: a plan file (``plan=`` option or RANNC_PLAN) is used as is; otherwise rank 0 profiles the
-model on its first batch (measured on CPU jobs, estimated from the GPU's spec on GPU jobs), runs
-the planner for this job's shape (nodes x processes per node) with the forced stages, replicas,
-microbatches and schedule, and broadcasts the plan. A failure on rank 0 is broadcast too, so
+Order: a plan file (``plan=`` option or RANNC_PLAN) is used as is, refused when it was made for
+another cluster shape (nodes x processes per node) or contradicts a forced stage count, replica
+counts, microbatch count or schedule; otherwise rank 0 profiles the model on its first batch
+(measured on CPU jobs, estimated from the GPU's spec on GPU jobs), runs the planner for this job's
+shape with the forced stages, replicas, microbatches, schedule and checkpointing, asking for a plan
+that gives every process work (replica counts must sum to the process count; when no such plan
+fits, the plan says why GPUs stay idle), and broadcasts the plan. A failure on rank 0 is broadcast too, so
 every rank stops with rank 0's error. ``even_plan`` splits blocks evenly by count, for tests and
 for users who want a fixed layout without profiling.
 """
@@ -85,13 +88,19 @@ def even_plan(n_blocks: int, replicas: list[int], microbatches: int, batch_size:
     return plan
 
 
-def _plan_from_spec(spec: Any, n_blocks: int, batch_size: int, world_size: int, gpus_per_node: int) -> Plan:
-    from rannc_cli.planner.planfile import load_plan
+def _plan_from_spec(spec: Any, n_blocks: int, batch_size: int, world_size: int, gpus_per_node: int,
+                    c: "Constraints | None" = None) -> Plan:
+    from rannc_cli.planner.forced import Forced
+    from rannc_cli.planner.planfile import check_forced, check_shape, load_plan
 
     if isinstance(spec, Plan):
         plan = spec
     elif isinstance(spec, (str, Path)):
         plan = load_plan(spec)
+        check_shape(plan, -(-world_size // max(1, gpus_per_node)), gpus_per_node, str(spec))
+        if c is not None:
+            check_forced(plan, Forced(c.stages, tuple(c.replicas) if c.replicas else None, c.microbatches,
+                                      c.schedule), str(spec))
     elif isinstance(spec, dict):
         replicas = list(spec.get("replicas") or [world_size])
         plan = even_plan(n_blocks, replicas, int(spec.get("microbatches", 1)), batch_size,
@@ -135,7 +144,8 @@ def _search_on_rank0(model: Any, args: tuple, kwargs: dict, n_blocks: int, batch
     cluster = ClusterSpec.from_flags(env.nodes, env.local_world_size, mem,
                                      gpu_model=torch.cuda.get_device_name(device) if device.type == "cuda" else "")
     report = make_plan(profile, cluster, batch_size=batch_size, stages=c.stages, replicas=c.replicas,
-                       microbatches=c.microbatches, schedule=c.schedule, with_baselines=False)
+                       microbatches=c.microbatches, schedule=c.schedule, with_baselines=False,
+                       checkpoint=None if c.checkpoint == "auto" else c.checkpoint, all_devices=True)
     return report.plan
 
 
@@ -152,7 +162,7 @@ def obtain_plan(model: Any, args: tuple, kwargs: dict, n_blocks: int, batch_size
     if env.rank == 0:
         try:
             if c.plan is not None:
-                plan = _plan_from_spec(c.plan, n_blocks, batch_size, env.world_size, gpus_per_node)
+                plan = _plan_from_spec(c.plan, n_blocks, batch_size, env.world_size, gpus_per_node, c)
             else:
                 plan = _search_on_rank0(model, args, kwargs, n_blocks, batch_size, env, device, c, estimate)
             payload = {"plan": plan_to_dict(plan), "seed": int(torch.initial_seed() % (2 ** 62))}

@@ -35,9 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from rannc_cli.errors import RanncError
-from rannc_cli.fileio import write_text_atomic
+from rannc_cli.fileio import fsync_path, write_text_atomic
 
 LATEST = "latest"
+PARTIAL = ".partial"
 MANIFEST = "manifest.json"
 PREEMPTED = "rannc-preempted"
 
@@ -79,34 +80,74 @@ class Preemption:
 
 
 def latest_checkpoint(root: Path | None) -> tuple[Path, dict[str, Any]] | None:
-    """The complete checkpoint ``root/latest`` names, or None when there is none."""
-    if root is None or not (root / LATEST).is_file():
+    """The complete checkpoint ``root/latest`` names, or None when there is none.
+
+    Incomplete folders (a save cut short: ``.step-<k>.partial``, or a step folder without a
+    manifest) are never resumed from; rank 0 names them in one line. A shard whose size differs
+    from the one the manifest recorded (truncated) is one error line."""
+    if root is None:
         return None
-    folder = root / (root / LATEST).read_text().strip()
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError) as exc:
-        raise RanncError(f"checkpoint {folder} named by {root / LATEST} is unreadable ({exc})",
-                         hint=f"remove {root / LATEST} to start afresh, or restore the folder") from None
-    if manifest.get("format") != "rannc-checkpoint":
-        raise RanncError(f"{folder / MANIFEST} is not a rannc checkpoint manifest")
-    return folder, manifest
+    found = None
+    if (root / LATEST).is_file():
+        folder = root / (root / LATEST).read_text().strip()
+        try:
+            manifest = json.loads((folder / MANIFEST).read_text())
+        except (OSError, ValueError) as exc:
+            raise RanncError(f"checkpoint {folder} named by {root / LATEST} is unreadable ({exc})",
+                             hint=f"remove {root / LATEST} to start afresh, or restore the folder") from None
+        if manifest.get("format") != "rannc-checkpoint":
+            raise RanncError(f"{folder / MANIFEST} is not a rannc checkpoint manifest")
+        for name, size in (manifest.get("shards") or {}).items():
+            have = (folder / name).stat().st_size if (folder / name).is_file() else None
+            if have != size:
+                raise RanncError(f"checkpoint {folder} is damaged: {name} " +
+                                 ("is missing" if have is None else f"has {have} bytes, the manifest says {size}"),
+                                 hint=f"restore the folder, or remove {root / LATEST} to start afresh")
+        found = folder, manifest
+    incomplete = [p for p in incomplete_checkpoints(root) if found is None or p != found[0]]
+    if incomplete and os.environ.get("RANK", "0") == "0":
+        print(f"rannc: ignoring incomplete checkpoint folder(s) {', '.join(str(p) for p in incomplete)} "
+              f"(a save was cut short; the next checkpoint removes them)", file=sys.stderr, flush=True)
+    return found
+
+
+def incomplete_checkpoints(root: Path) -> list[Path]:
+    """Folders under ``root`` a save left unfinished: ``.step-<k>.partial`` and step folders without a manifest."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and (
+        (p.name.startswith(".step-") and p.name.endswith(PARTIAL)) or
+        (p.name.startswith("step-") and not (p / MANIFEST).is_file())))
 
 
 def write_checkpoint(engine: Any, root: Path, preempted: bool = True) -> Path:
-    """Collective: shards of step ``engine.step`` into root/step-<k>, then ``latest`` and the marker."""
+    """Collective: shards of step ``engine.step`` into root/step-<k>, then ``latest`` and the marker.
+
+    The shards go to ``root/.step-<k>.partial`` first; rank 0 writes the manifest (with every
+    shard's size), flushes the folder to disk and renames it to ``step-<k>``; only then does
+    ``latest`` name it. Leftovers of an earlier save cut short are removed first."""
     import torch.distributed as dist
 
     from rannc_cli.runtime.checkpoint import plan_key, save_shards
 
     folder = root / f"step-{engine.step}"
-    save_shards(engine, folder)  # ends with a barrier: every shard is on disk
+    partial = root / f".{folder.name}{PARTIAL}"
+    if engine.rank == 0:
+        for old in incomplete_checkpoints(root):
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()  # nobody writes into a folder rank 0 is still removing
+    save_shards(engine, partial)  # ends with a barrier: every shard is on disk
     if engine.rank == 0:
         manifest = {"format": "rannc-checkpoint", "step": engine.step, "world_size": engine.world,
-                    "local_world_size": engine.env.local_world_size, "plan_key": plan_key(engine.plan)}
-        write_text_atomic(folder / MANIFEST, json.dumps(manifest))
+                    "local_world_size": engine.env.local_world_size, "plan_key": plan_key(engine.plan),
+                    "shards": {p.name: p.stat().st_size for p in sorted(partial.glob("rank-*.pt"))}}
+        write_text_atomic(partial / MANIFEST, json.dumps(manifest))
+        if folder.exists():  # a checkpoint of this very step already exists: move it aside, removed below
+            os.replace(folder, root / f".{folder.name}.replaced{PARTIAL}")
+        os.replace(partial, folder)
+        fsync_path(root)
         write_text_atomic(root / LATEST, folder.name + "\n")
-        for old in root.glob("step-*"):
+        for old in [*root.glob("step-*"), *incomplete_checkpoints(root)]:
             if old.is_dir() and old.name != folder.name:
                 shutil.rmtree(old, ignore_errors=True)
         if preempted:

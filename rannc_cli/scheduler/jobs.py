@@ -93,21 +93,65 @@ def refresh(rec: JobRecord, transport, backend: Backend) -> bool:
     return changed
 
 
+_LAUNCHER_VERDICT = re.compile(r"^rannc run: rank (\d+) (.*?)(?: \(see [^)]*\))?(?:; stopped or lost ranks .*)?$")
+_WATCHER_VERDICT = re.compile(r"^error: rank (\d+) (stopped answering): (.*)$")
+_SRUN_TASK = re.compile(r"^srun: error: (\S+): tasks? (\d+)(?:-\d+)?: (.*)$")
+_LOST_CONTACT = "lost contact with the other ranks"
+
+
 def find_failure(rec: JobRecord, transport) -> str | None:
-    """``train/rank-1.log:17: ValueError: boom``: the first rank log with an error, and its last error line."""
+    """``train/rank-1.log:17: ValueError: boom``: where the rank to blame failed, and its last error line.
+
+    The rank to blame is the one that failed or stopped answering first: the one `rannc run`'s
+    last line names (local jobs), else one a heartbeat watcher named ("error: rank K stopped
+    answering"), else the first task srun reports ended (not with code 3), else the first rank log
+    with an error of its own; a rank that only lost contact with the others is named only when
+    nothing else is known."""
     base = rec.exec_dir
     for phase in ("train", "profile"):
         names = transport.listdir(f"{base}/{phase}")
         ranks = sorted((n for n in names if re.fullmatch(r"rank-\d+\.log", n)), key=lambda n: int(n[5:-4]))
-        for name in ranks + sorted(n for n in names if n.startswith("batch")):
-            text = transport.read_text(f"{base}/{phase}/{name}") or ""
-            lines = text.splitlines()
-            hits = [i for i, line in enumerate(lines) if _ERROR_LINE.match(line.strip())
-                    and not line.strip().startswith("Traceback")]
-            if hits:
-                i = hits[-1]
-                return f"{phase}/{name}:{i + 1}: {lines[i].strip()[:200]}"
+        batches = sorted(n for n in names if n.startswith("batch"))
+        texts = {n: (transport.read_text(f"{base}/{phase}/{n}") or "").splitlines() for n in ranks + batches}
+        verdict = _verdict(texts, batches, ranks)
+        if verdict is not None:
+            rank, what = verdict
+            own = _last_error(texts.get(f"rank-{rank}.log", []), skip_lost=True)
+            if own is not None:
+                return f"{phase}/rank-{rank}.log:{own[0] + 1}: {own[1]}"
+            return f"{phase}/rank-{rank}.log: rank {rank} {what}"[:260]
+        for skip_lost in (True, False):
+            for name in ranks + batches:
+                hit = _last_error(texts[name], skip_lost)
+                if hit is not None:
+                    return f"{phase}/{name}:{hit[0] + 1}: {hit[1]}"
     return None
+
+
+def _verdict(texts: dict[str, list[str]], batches: list[str], ranks: list[str]) -> tuple[int, str] | None:
+    for name in batches:
+        for line in reversed(texts[name]):
+            m = _LAUNCHER_VERDICT.match(line.strip())
+            if m:
+                return int(m.group(1)), m.group(2)
+    for name in ranks:
+        for line in texts[name]:
+            m = _WATCHER_VERDICT.match(line.strip())
+            if m:
+                return int(m.group(1)), f"{m.group(2)} ({m.group(3).split(';')[0]})"
+    for name in batches:  # srun's own account: the first task that ended, unless it only lost contact
+        for line in texts[name]:
+            m = _SRUN_TASK.match(line.strip())
+            if m and m.group(3).strip() != "Exited with exit code 3":
+                return int(m.group(2)), f"ended first: {m.group(3).strip()} on {m.group(1)} (srun)"
+    return None
+
+
+def _last_error(lines: list[str], skip_lost: bool) -> tuple[int, str] | None:
+    hits = [i for i, line in enumerate(lines) if _ERROR_LINE.match(line.strip())
+            and not line.strip().startswith("Traceback")
+            and not (skip_lost and (_LOST_CONTACT in line or _WATCHER_VERDICT.match(line.strip())))]
+    return (hits[-1], lines[hits[-1]].strip()[:200]) if hits else None
 
 
 def wait_for(rec: JobRecord, transport, backend: Backend, quiet: bool = False, timeout: float | None = None) -> str:
@@ -139,7 +183,8 @@ def wait_for(rec: JobRecord, transport, backend: Backend, quiet: bool = False, t
     state = rec.state
     if state != "COMPLETED":
         where = rec.data.get("failure")
-        raise RanncError(f"job {rec.id} ended {state}" + (f" at {where}" if where else ""),
+        why = rec.phase("train").get("reason") if state == "TIMEOUT" else None
+        raise RanncError(f"job {rec.id} ended {state}" + (f" at {where}" if where else "") + (f": {why}" if why else ""),
                          hint=f"rannc logs {rec.id}" + (f" --rank {_rank_of(where)}" if where and "rank-" in where else ""))
     if not quiet:
         typer.echo(f"job {rec.id} COMPLETED; logs: rannc logs {rec.id}")

@@ -3,9 +3,10 @@
     python -m rannc_cli.scheduler.local_exec --phase-dir D [--after-dir DEP] [--time S --signal-seconds W] -- bash script.sh
 
 Waits for the dependency's rannc-exitcode (a failed or cancelled dependency cancels this phase),
-runs the script in this process group, sends SIGUSR1 ``W`` seconds before the time limit and
-SIGTERM at it (marking the phase TIMEOUT), forwards SIGTERM/SIGUSR1 it receives, and writes
-rannc-exitcode when the script did not.
+runs the script in this process group, sends SIGUSR1 ``W`` seconds before the time limit
+(noting it in rannc-time-warned) and SIGTERM at it (rannc-timeout), forwards SIGTERM/SIGUSR1 it
+receives, and writes rannc-exitcode when the script did not. The local backend reads these files:
+a phase cut at the limit, or one that checkpointed after the warning and exited 0, is TIMEOUT.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from pathlib import Path
 
 from rannc_cli.fileio import write_text_atomic
 from rannc_cli.scheduler.backend import CANCELLED_BY_USER, EXITCODE
+
+TIME_WARNED = "rannc-time-warned"  # SIGUSR1 went out because the time limit is near
+TIMED_OUT = "rannc-timeout"        # SIGTERM went out at the time limit
 
 
 def _write_exit(phase_dir: Path, code: int) -> None:
@@ -81,11 +85,12 @@ def main(argv: list[str] | None = None) -> int:
             elapsed = time.monotonic() - start
             if not warned and elapsed >= args.time - args.signal_seconds:
                 warned = True
+                (phase_dir / TIME_WARNED).touch()
                 print("rannc: time-limit warning, sending SIGUSR1", flush=True)
                 child.send_signal(signal.SIGUSR1)
             if not timed_out and elapsed >= args.time:
                 timed_out = True
-                (phase_dir / "rannc-timeout").touch()
+                (phase_dir / TIMED_OUT).touch()
                 print("rannc: time limit reached, sending SIGTERM", flush=True)
                 child.terminate()
         time.sleep(0.1)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rannc_cli.errors import RanncError
+from rannc_cli.fileio import require_file
 
 DEVICES = ("auto", "cpu", "cuda")
 _NAME_OK = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -154,8 +155,7 @@ def resolve_spec(*, script: Path, script_args: list[str], nodes: int, gpus: int,
         raise RanncError(f"--gpus must be at least 1 (got {gpus})")
     if device not in DEVICES:
         raise RanncError(f"--device {device!r} is not one of {', '.join(DEVICES)}")
-    if not script.is_file():
-        raise RanncError(f"script {script} does not exist", hint="pass the path of your training script")
+    require_file(script, "script", "pass the path of your training script")
     if script.suffix != ".py":
         raise RanncError(f"script {script} is not a Python file", hint="pass a .py training script")
     from rannc_cli.scheduler.backend import backend_names

@@ -25,6 +25,7 @@ from typing import Any
 import typer
 
 from rannc_cli.errors import RanncError
+from rannc_cli.fileio import require_file
 from rannc_cli.scheduler.backend import backend_class
 from rannc_cli.scheduler.records import JobRecord, logs_dir
 from rannc_cli.scheduler.spec import JobSpec, hms, resolve_spec, slurm_time, validate_against
@@ -111,8 +112,8 @@ def submit(*, script: Path, script_args: list[str], nodes: int, gpus: int, sched
     spec = resolve_spec(script=script, script_args=script_args, nodes=nodes, gpus=gpus, scheduler=scheduler,
                         site=site, queue=queue, account=account, time=time_limit, name=name, env=env, device=device,
                         host=host, python=python)
-    if profile is not None and not Path(profile).is_file():
-        raise RanncError(f"--profile {profile} does not exist", hint="pass a file written by `rannc profile --out`")
+    if profile is not None:
+        require_file(profile, "--profile", "pass a file written by `rannc profile --out`")
     local_script = script.resolve()
     key = profile_cache_key(spec, local_script)
     have_profile = Path(profile) if profile else (cached_profile(key) if use_cache else None)

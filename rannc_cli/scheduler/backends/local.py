@@ -25,6 +25,7 @@ from rannc_cli.scheduler.backend import CANCELLED_BY_USER, Backend, PhaseState, 
 
 PIDFILE = "rannc-pid"
 STARTED = "rannc-started"
+PREEMPTED = "rannc-preempted"
 
 
 @register
@@ -106,19 +107,35 @@ class LocalBackend(Backend):
     def state(self, job_id: str, phase_dir: str) -> PhaseState:
         ended = self.ended(phase_dir)
         if ended is not None:
-            if (Path(phase_dir) / "rannc-timeout").exists() and ended.state == "FAILED":
-                ended.state = "TIMEOUT"
-            return ended
+            return self._timeout(ended, Path(phase_dir))
         if self.alive(job_id, phase_dir):
             started = (Path(phase_dir) / STARTED).exists()
             return PhaseState("RUNNING" if started else "PENDING")
         # a zombie child of this very process may still need reaping before the exit file shows
         ended = self.ended(phase_dir)
         if ended is not None:
-            return ended
+            return self._timeout(ended, Path(phase_dir))
         if (Path(phase_dir) / CANCELLED_BY_USER).exists():
             return PhaseState("CANCELLED", reason="cancelled by rannc cancel")
         return PhaseState("FAILED", reason="the process is gone and left no rannc-exitcode (killed?)")
+
+    @staticmethod
+    def _timeout(ended: PhaseState, phase_dir: Path) -> PhaseState:
+        """A phase the time limit cut is TIMEOUT, also when its ranks checkpointed and exited 0."""
+        from rannc_cli.scheduler.local_exec import TIME_WARNED, TIMED_OUT
+
+        if ended.state not in ("COMPLETED", "FAILED"):
+            return ended
+        if (phase_dir / TIMED_OUT).exists():
+            return PhaseState("TIMEOUT", ended.exit_code, reason="time limit reached; the job script was stopped",
+                              restarts=ended.restarts)
+        marker = phase_dir / PREEMPTED  # train.sh copies the ranks' rannc-preempted here
+        if (phase_dir / TIME_WARNED).exists() and marker.exists():
+            step = (marker.read_text().split() or ["?"])[0]
+            return PhaseState("TIMEOUT", ended.exit_code, restarts=ended.restarts,
+                              reason=f"time limit ahead: the ranks checkpointed at step {step} in "
+                                     f"{phase_dir.parent / 'checkpoints'} and stopped (resumable)")
+        return ended
 
     def cancel(self, job_id: str) -> None:
         try:

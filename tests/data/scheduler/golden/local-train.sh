@@ -24,6 +24,7 @@ trap 'kill -USR1 "$LAUNCH_PID" 2>/dev/null' USR1
 trap 'kill -TERM "$LAUNCH_PID" 2>/dev/null' TERM
 cd /home/alice/src
 date +%s > "$PHASE_DIR/rannc-train-start"
+rm -f "$RANNC_CHECKPOINT_DIR/rannc-preempted" "$PHASE_DIR/rannc-preempted"   # the ranks write it when they checkpointed and stopped early
 /home/alice/venv/bin/python -m rannc_cli.cli run --nproc 4 --log-dir "$PHASE_DIR" /home/alice/src/train.py -- --lr 0.1 &
 LAUNCH_PID=$!
 while :; do
@@ -31,4 +32,8 @@ while :; do
     code=$?
     kill -0 "$LAUNCH_PID" 2>/dev/null || break
 done
+# Stopped early with a checkpoint (after the time-limit warning): the local backend reports TIMEOUT.
+if [ -f "$RANNC_CHECKPOINT_DIR/rannc-preempted" ]; then
+    cp "$RANNC_CHECKPOINT_DIR/rannc-preempted" "$PHASE_DIR/rannc-preempted"
+fi
 exit "$code"

@@ -27,6 +27,7 @@ rm -f "$PHASE_DIR/rannc-exitcode"
 trap rannc_finish EXIT
 export RANNC_PLAN="$JOB_DIR/plan.yaml"
 export RANNC_CHECKPOINT_DIR="$JOB_DIR/checkpoints"
+export RANNC_HEARTBEAT_DIR="$PHASE_DIR/heartbeat"   # each rank beats here; the next rank names one that stops
 RUNS=$(cat "$PHASE_DIR/rannc-runs" 2>/dev/null || echo 0)
 export RANNC_RESTART_COUNT="$RUNS"
 echo $((RUNS + 1)) > "$PHASE_DIR/rannc-runs"

@@ -31,6 +31,7 @@ rm -f "$PHASE_DIR/rannc-exitcode"
 trap rannc_finish EXIT
 export RANNC_PLAN="$JOB_DIR/plan.yaml"
 export RANNC_CHECKPOINT_DIR="$JOB_DIR/checkpoints"
+export RANNC_HEARTBEAT_DIR="$PHASE_DIR/heartbeat"   # each rank beats here; the next rank names one that stops
 export RANNC_RESTART_COUNT="${SLURM_RESTART_COUNT:-0}"
 mkdir -p "$RANNC_CHECKPOINT_DIR"
 
