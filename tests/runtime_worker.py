@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -29,6 +30,10 @@ def sabotage(kind: str) -> None:
         from rannc_cli.runtime.allreduce import GradReducer
 
         GradReducer.start = lambda self: None  # type: ignore[method-assign]
+    elif kind == "local_clip":
+        from rannc_cli.runtime import clipping
+
+        clipping.engine_of = lambda parameters: None  # type: ignore[assignment]  # torch's per-rank norm
     elif kind == "drop_microbatch":
         from rannc_cli.runtime.executor import Executor
 
@@ -63,9 +68,11 @@ def main() -> None:
     for case in json.loads(Path(args.cases).read_text()):
         if case.get("sabotage"):
             sabotage(case["sabotage"])
+        started = time.perf_counter()
         result = rc.train_distributed(case, rank, fail_rank=args.fail_rank, hang_rank=args.hang_rank, resume=args.resume,
                                       signal_rank=args.signal_rank, signal_name=args.signal,
                                       save_at=args.save_at, checkpoint_dir=out / f"{case['id']}-ckpt")
+        result["wall_seconds"] = time.perf_counter() - started  # capture, planning and training of this case
         if rank == 0:
             rc.save_result(result, out / f"{case['id']}.pt")
 

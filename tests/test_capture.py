@@ -121,3 +121,63 @@ def test_inputs_without_a_batch_dimension_are_refused():
 
     with pytest.raises(RanncError, match="no tensor with a batch dimension"):
         capture(Scalar(), (torch.tensor(3.0),), {})
+
+
+def test_batch_sized_input_used_otherwise_is_refused_by_name():
+    """dim 0 of every tensor input is the batch: an input the model uses another way is an error, not a guess."""
+    class Table(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(4, 4)
+
+        def forward(self, x, table):
+            return (self.l(x) @ table).sum()  # table's dim 0 is a feature dim that happens to equal the batch
+
+    with pytest.raises(RanncError) as info:
+        capture(Table(), (torch.randn(4, 4), torch.randn(4, 4)), {})
+    line = info.value.one_line()
+    assert "input args[1] has the batch size (4)" in line and "buffer" in line and "\n" not in line
+
+
+def test_forward_with_var_keyword_arguments_keeps_a_symbolic_batch():
+    """forward(self, **batch), as Hugging Face wrappers are written: torch.export alone cannot mark its batch."""
+    class KwargsOnly(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(4, 1)
+
+        def forward(self, x, *rest, **batch):
+            return ((self.l(x + rest[0]).squeeze(-1) - batch["y"]) ** 2).mean()
+
+    model = KwargsOnly()
+    c = capture(model, (torch.randn(6, 4), torch.randn(6, 4)), {"y": torch.randn(6)})
+    assert c.dynamic_batch
+    assert [(i.path, i.batch_dim) for i in c.inputs] == [("args[0]", 0), ("args[1]", 0), ("kwargs['y']", 0)]
+    assert "forward" not in vars(model)  # the temporary signature is gone
+
+
+def test_views_are_captured_as_reshapes():
+    """Export picks view-or-copy from its fake strides, which are not always the real kernels' (T5's
+    attention output on CPU: tests/test_zoo.py trains it), and stage inputs change layout when the
+    profiler tiles them or the runtime sends them: the graph keeps no aten.view, and still computes
+    the same loss."""
+    class Attention(nn.Module):
+        def __init__(self, d=16, heads=4):
+            super().__init__()
+            self.qkv, self.heads = nn.Linear(d, 3 * d), heads
+
+        def forward(self, x):
+            b, t, d = x.shape
+            q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in self.qkv(x).chunk(3, dim=-1))
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            return out.transpose(1, 2).reshape(b, t, d).pow(2).mean()
+
+    from rannc_cli.graph.stages import build_stages, run_stages
+
+    model, x = Attention(), torch.randn(4, 8, 16)
+    c = capture(model, (x,), {})
+    targets = [n.target for n in c.graph.nodes]
+    assert torch.ops.aten.view.default not in targets and torch.ops.aten.reshape.default in targets
+    bg = build_blocks(c)
+    loss = run_stages(build_stages(bg, [0] * len(bg.blocks)), c, (x,), {})
+    assert torch.equal(loss, model(x))

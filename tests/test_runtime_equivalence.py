@@ -43,6 +43,7 @@ CASES = [
     {"id": "fork_join_2x1_scaler", "model": "fork_join", "options": P([1, 1], 2), "scaler": 65536},
     {"id": "mlp_2x2_bf16_scaler", "model": "example_mlp", "options": P([2, 2], 2), "autocast": "bf16",
      "scaler": 1024},
+    {"id": "row_weights_31", "model": "row_weights", "options": P([3, 1], 2)},  # input only indexed by rows
     {"id": "batch_norm_2x2", "model": "batch_norm", "options": P([2, 2], 2), "steps": 8},
 ]
 EXACT = [c for c in CASES if not c.get("autocast") and c["model"] != "batch_norm"]

@@ -1,5 +1,6 @@
-"""PBS backend: parsers of qsub/qstat outputs, state mapping, and qsub/qstat/qdel flows through
-Slurm's PBS-style wrappers (slurm-wlm-torque) on the real Slurm testbed."""
+"""PBS backend: parsers of qsub/qstat outputs (recorded on the real OpenPBS testbed), state mapping, and
+qsub/qstat/qdel flows through Slurm's PBS-style wrappers (slurm-wlm-torque) on the real Slurm testbed.
+End to end on the real OpenPBS server: tests/test_submit_openpbs.py."""
 
 from __future__ import annotations
 
@@ -23,35 +24,40 @@ def read(name: str) -> str:
 
 
 def test_qsub_ids():
-    assert parse_qsub(read("pbspro-2022-qsub.txt")) == "1234.pbs01"
+    assert parse_qsub(read("openpbs-23.06-qsub.txt")) == "19.rannc-pbs"
     assert parse_qsub(read("slurm-wlm-torque-22.05-qsub.txt")).isdigit()
     assert parse_qsub("4321[].pbs01\n") == "4321[].pbs01"
     with pytest.raises(RanncError, match="qsub printed no job id"):
-        parse_qsub(read("pbspro-2022-qsub-rejected.txt"))
+        parse_qsub(read("openpbs-23.06-qsub-rejected.txt"))
 
 
-def test_pbspro_running_with_wrapped_lines():
-    jobs = parse_qstat_full(read("pbspro-2022-qstat-f-running.txt"))
-    attrs = jobs["1234.pbs01"]
-    assert attrs["Output_Path"].endswith("/train/batch.log")          # wrapped value joined back
-    assert attrs["Variable_List"].endswith("PBS_O_HOST=login1.example.org")
-    assert attrs["Resource_List.select"] == "2:ncpus=8:ngpus=4:mpiprocs=4"
+def test_running_job_text_and_json_agree():
+    jobs = parse_qstat_full(read("openpbs-23.06-qstat-f-running.txt"))
+    attrs = jobs["19.rannc-pbs"]
+    assert attrs["Variable_List"].endswith("PBS_O_HOST=rannc-pbs-client")   # wrapped value joined back
+    assert attrs["Resource_List.select"] == "1:ncpus=2:ngpus=2:mpiprocs=2"
     assert job_state(attrs).state == "RUNNING"
+    js = parse_qstat_json(read("openpbs-23.06-qstat-f-json-running.json"))["19.rannc-pbs"]
+    assert js["Resource_List"]["select"] == attrs["Resource_List.select"] and job_state(js).state == "RUNNING"
+    assert js["Variable_List"]["PBS_O_HOST"] == "rannc-pbs-client"
 
 
-def test_pbspro_history():
-    jobs = parse_qstat_full(read("pbspro-2022-qstat-xf-finished.txt"))
-    assert job_state(jobs["1233.pbs01"]).state == "COMPLETED"
-    failed = job_state(jobs["1236.pbs01"])
+def test_history_exit_statuses():
+    jobs = parse_qstat_full(read("openpbs-23.06-qstat-xf-finished.txt"))
+    assert job_state(jobs["20.rannc-pbs"]).state == "COMPLETED"
+    failed = job_state(jobs["21.rannc-pbs"])
     assert (failed.state, failed.exit_code) == ("FAILED", 1)
+    deleted = job_state(jobs["24.rannc-pbs"])             # qdel of a running job: SIGTERM, 256 + 15
+    assert (deleted.state, deleted.exit_code) == ("CANCELLED", 271)
 
 
-def test_openpbs_json_walltime_and_queued():
-    jobs = parse_qstat_json(read("openpbs-22.05-qstat-xf-json-walltime.json"))
-    t = job_state(jobs["1240.pbs01"])
-    assert (t.state, t.exit_code) == ("TIMEOUT", -29)
-    q = job_state(jobs["1241.pbs01"])
-    assert q.state == "PENDING" and "Insufficient" in q.reason
+def test_walltime_and_can_never_run():
+    t = job_state(parse_qstat_json(read("openpbs-23.06-qstat-xf-json-walltime.json"))["22.rannc-pbs"])
+    assert (t.state, t.exit_code) == ("TIMEOUT", -29) and "exceeded resource walltime" in t.reason
+    q = job_state(parse_qstat_json(read("openpbs-23.06-qstat-f-json-never.json"))["27.rannc-pbs"])
+    assert q.state == "PENDING" and q.never
+    assert q.reason == "Can Never Run: Insufficient amount of resource: ngpus (R: 99 A: 4 T: 4)"
+    assert not job_state({"job_state": "Q", "comment": "Not Running: Insufficient amount of resource: ngpus"}).never
 
 
 def test_torque_and_wrapper_layouts():
@@ -82,9 +88,13 @@ def _env(cluster, tmp_path) -> dict:
 
 @pytest.mark.slurm
 def test_pbs_submit_through_wrappers_two_nodes(pbs_wrappers, tmp_path, mlp_profile):
-    """qsub (select=2:...:mpiprocs=2 as options), mpiexec on 2 nodes, qstat until done, per-rank logs."""
+    """qsub (select=2:...:mpiprocs=2 as options), the site's MPI launcher (`submit: mpi: mpiexec`: the wrappers'
+    mpiexec, which starts the ranks through srun) on 2 nodes, qstat until done, per-rank logs."""
     env = _env(pbs_wrappers, tmp_path)
-    res = run_cli("submit", str(SCRIPTS / "ckpt_train.py"), "--scheduler", "pbs", "--queue", "gpu", "--nodes", "2",
+    site = tmp_path / "pbs-with-mpi.yaml"
+    site.write_text("name: pbs-with-mpi\nscheduler: pbs\nnode_groups: [{name: g, count: 2, gpus: 4}]\n"
+                    "submit:\n  mpi: mpiexec\n")
+    res = run_cli("submit", str(SCRIPTS / "ckpt_train.py"), "--site", str(site), "--queue", "gpu", "--nodes", "2",
                   "--gpus", "2", "--time", "10:00", "--account", "grp1", "--profile", str(mlp_profile),
                   "--env", "RANNC_MASTER_ADDR=127.0.0.1", "--wait", "--", "--steps", "4", "--delay", "0.05",
                   cwd=tmp_path, env=env, timeout=180)
@@ -95,7 +105,8 @@ def test_pbs_submit_through_wrappers_two_nodes(pbs_wrappers, tmp_path, mlp_profi
     for r in range(4):
         text = (folder / "train" / f"rank-{r}.log").read_text()
         assert f"rank {r} of 4" in text and "done" in text
-    assert "#PBS -l select=2:ncpus=2:ngpus=2:mpiprocs=2" in (folder / "train.sh").read_text()
+    train = (folder / "train.sh").read_text()
+    assert "#PBS -l select=2:ncpus=2:ngpus=2:mpiprocs=2" in train and "\nmpiexec -n 4 bash" in train
 
 
 @pytest.mark.slurm

@@ -38,7 +38,11 @@ CASES = {
     "pbs": spec(backend="pbs", queue="h-regular", account="gk77", account_option="-W group_list=<group>", gpus=2,
                 mem_per_gpu=17179869184),
     "pbs-abci": spec(backend="pbs", queue="rt_HF", account="gaa50000", account_option="-P <group>",
-                     directives=["-l USE_SSH=1"]),
+                     directives=["-l USE_SSH=1"],
+                     mpi="mpirun --hostfile $PBS_NODEFILE --map-by ppr:${RANNC_GPUS_PER_NODE}:node"),
+    "pjm": spec(backend="pjm", queue="regular-a", account="gz00", gpus=8, modules=["cuda", "ompi"],
+                mpi="mpiexec -machinefile $PJM_O_NODEINF -npernode ${RANNC_GPUS_PER_NODE}"),
+    "nqsv": spec(backend="nqsv", queue="gen_S", account="PROJ01", nodes=2, gpus=1, cpus_per_gpu=48, modules=[]),
     "sge": spec(backend="sge", queue="gpu.q", account="proj42", gpus=4, nodes=2,
                 scheduler_options={"pe": "smp", "pe_multinode": "mpi4"}),
     "sge-tsubame": spec(backend="sge", site="tsubame-4.0", queue=None, account="tga-lab", account_option="-g <group>",
@@ -69,12 +73,15 @@ def test_pbs_pro_syntax():
     assert "#PBS -l select=4:ncpus=2:ngpus=2:mpiprocs=2" in lines
     assert "#PBS -l walltime=2:00:00" in lines
     assert "#PBS -W group_list=gk77" in lines and "#PBS -q h-regular" in lines and "#PBS -r y" in lines
-    assert "mpiexec -n 8 " in text
+    # no site MPI: one rank per PBS_NODEFILE line through PBS's task launch; the site's MPI where it names one
+    assert "pbs_tmrsh" in text and "mpiexec" not in text and "mpirun" not in text
     abci = render_scripts(CASES["pbs-abci"], "0123abcd", JOB_DIR, "k")["train.sh"]
+    assert "mpirun --hostfile $PBS_NODEFILE --map-by ppr:${RANNC_GPUS_PER_NODE}:node -n 32 bash" in abci
+    assert '"$TMRSH" "$host" bash' not in abci
     assert "#PBS -P gaa50000" in abci and "group_list" not in abci and "#PBS -l USE_SSH=1" in abci
     # qsub gets the same request as options; -l lines merged into one (what Slurm's wrappers need)
     opts = directive_options(text)
-    assert opts[-2:] == ["-l", "select=4:ncpus=2:ngpus=2:mpiprocs=2,walltime=2:00:00"]
+    assert opts[-2:] == ["-l", "select=4:ncpus=2:ngpus=2:mpiprocs=2,place=scatter,walltime=2:00:00"]
     assert ["-N", "bert-train"] == opts[:2]
 
 
@@ -204,3 +211,50 @@ def test_gpus_above_the_sites_node_are_refused_with_its_shape(tmp_path, site, gp
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert res.returncode != 0 and len(lines) == 1, res.stderr
     assert lines[0].startswith(f"error: --gpus {gpus} exceeds site {site}'s GPUs per node") and shape in lines[0]
+
+
+SITES = {"abci-3.0": 8, "wisteria-aquarius": 8, "miyabi-g": 1, "pegasus": 1, "tsubame-4.0": 4}
+
+
+@pytest.mark.parametrize("site", sorted(SITES))
+def test_site_configs_render_their_own_dialect(site):
+    """`rannc submit examples/mlp.py --site S --nodes 2 --gpus N`: each site's scripts in its batch system's
+    dialect, with its queue, group option, MPI launcher and template overrides (golden files)."""
+    root = Path(__file__).resolve().parent.parent
+    s = resolve_spec(script=root / "examples" / "mlp.py", script_args=["--steps", "20"], nodes=2, gpus=SITES[site],
+                     site=site, account="grp1", time="1:00:00", python="/home/alice/venv/bin/python",
+                     workdir="/home/alice/src")
+    scripts = render_scripts(s, "0123abcd", JOB_DIR, "cafe0123")
+    for fname, text in scripts.items():
+        text = text.replace(str(root), "<repo>")
+        golden = GOLDEN / f"site-{site}-{fname}"
+        if os.environ.get("RANNC_UPDATE_GOLDEN"):
+            golden.write_text(text)
+        assert golden.is_file(), f"missing golden file {golden}; run with RANNC_UPDATE_GOLDEN=1"
+        assert text == golden.read_text(), f"{fname} of site {site} differs from {golden.name} (RANNC_UPDATE_GOLDEN=1)"
+        assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
+    train = scripts["train.sh"]
+    dialect = {"abci-3.0": ["#PBS -P grp1", "#PBS -l select=2:ncpus=8:ngpus=8:mpiprocs=8", "mpirun -npernode"],
+               "miyabi-g": ["#PBS -W group_list=grp1", "#PBS -l select=2:mpiprocs=1\n", "#PBS -q regular-g"],
+               "wisteria-aquarius": ["#PJM -L rscgrp=regular-a", "#PJM -L node=2", "#PJM --mpi proc=16",
+                                     "#PJM -L elapse=01:00:00", "#PJM -g grp1", "-machinefile $PJM_O_NODEINF"],
+               "tsubame-4.0": ["#$ -l node_f=2", "#$ -l h_rt=1:00:00", "#$ -l s_rt=0:58:00", "# rannc-qsub: -g grp1",
+                               "mpirun -npernode 4 -n 8"],
+               "pegasus": ["#PBS -A grp1", "#PBS -q gen_S", "#PBS -b 2", "#PBS -T openmpi", "#PBS -l gpunum_job=1",
+                           "#PBS -l elapstim_req=01:00:00"]}[site]
+    for needle in dialect:
+        assert needle in train, f"{site}: {needle!r} missing"
+
+
+def test_site_dry_run_through_the_cli(tmp_path):
+    """The same through `rannc submit --dry-run` (the command a user types): the site's submit commands."""
+    from conftest import run_cli
+
+    root = Path(__file__).resolve().parent.parent
+    want = {"wisteria-aquarius": "pjsub --step -o", "pegasus": "qsub -o", "miyabi-g": "qsub -N mlp-profile -q regular-g"}
+    for site, needle in want.items():
+        res = run_cli("submit", str(root / "examples" / "mlp.py"), "--site", site, "--nodes", "2", "--gpus",
+                      str(SITES[site]), "--dry-run", cwd=tmp_path, env={"RANNC_LOGS_DIR": str(tmp_path / "logs")})
+        assert res.returncode == 0, res.stderr
+        assert needle in res.stdout and "dry run: nothing submitted" in res.stdout, res.stdout[-800:]
+    assert not (tmp_path / "logs").exists()

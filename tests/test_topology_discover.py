@@ -14,7 +14,7 @@ from rannc_cli.topology.discover import discovered_links
 from rannc_cli.topology.format import Node, Topology
 from rannc_cli.topology.site import apply_site, available_sites, load_site
 
-SITES = ["reedbush-h", "tsubame-4.0", "abci-3.0", "wisteria-aquarius", "generic-slurm-gpu", "local"]
+SITES = ["reedbush-h", "tsubame-4.0", "abci-3.0", "wisteria-aquarius", "miyabi-g", "pegasus", "generic-slurm-gpu", "local"]
 
 
 def _topology(tmp_path, *args, env=None):

@@ -129,6 +129,18 @@ class NestedInputs(nn.Module):
         return F.mse_loss(pred, batch["target"])
 
 
+class RowWeights(nn.Module):
+    """An input only indexed by rows (as Hugging Face's mask code does): export does not tie its
+    dim 0 to the batch by itself, yet it is per-sample data and must be split like the others."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.l = nn.Linear(d, 1)
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return (self.l(x).squeeze(-1) * w[: x.shape[0]]).mean()
+
+
 def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -175,6 +187,11 @@ def nested_inputs():
     return NestedInputs(), ((batch, pair), {"scale": 2.0, "use_pair": True, "extra": None, "steps": 3})
 
 
+def row_weights():
+    g = _gen()
+    return RowWeights(), ((torch.randn(8, 8, generator=g), torch.rand(8, generator=g)), {})
+
+
 def example_mlp():
     ex = load_example("mlp")
     x, y = next(ex.batches(1, 8, 64, 10, 0))
@@ -202,6 +219,7 @@ ZOO: dict[str, Callable[[], tuple[torch.nn.Module, Batch]]] = {
     "multi_output": multi_output,
     "dropout": dropout,
     "nested_inputs": nested_inputs,
+    "row_weights": row_weights,
     "example_mlp": example_mlp,
     "example_cnn": example_cnn,
     "example_transformer": example_transformer,

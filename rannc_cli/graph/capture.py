@@ -123,11 +123,52 @@ def _leaf_paths(args: tuple, kwargs: dict) -> list[str]:
     return out
 
 
-def _dynamic_batch_spec(forward: Any, args: tuple, kwargs: dict) -> Any:
+def _dynamic_batch_spec(forward: Any, args: tuple, kwargs: dict, batch_size: int, tied: bool) -> Any:
+    """dynamic_shapes for export: dim 0 of every tensor input whose dim 0 is ``batch_size`` is one
+    shared ``Dim("batch")`` (``tied``), or each tensor's dim 0 is ``Dim.AUTO`` (export decides)."""
     bound = inspect.signature(forward).bind(*args, **kwargs)
+    batch = Dim("batch")
+
     def spec(v: Any) -> Any:
-        return {0: Dim.AUTO} if isinstance(v, torch.Tensor) and v.dim() > 0 else None
+        if not isinstance(v, torch.Tensor) or v.dim() == 0:
+            return None
+        if tied:
+            return {0: batch} if v.shape[0] == batch_size else None
+        return {0: Dim.AUTO}
     return {name: pytree.tree_map(spec, value) for name, value in bound.arguments.items()}
+
+
+@contextmanager
+def explicit_forward(model: nn.Module, args: tuple, kwargs: dict):
+    """Give ``model.forward`` a signature without ``*args``/``**kwargs`` for this call's arguments.
+
+    torch.export cannot match ``dynamic_shapes`` to a forward taking ``**kwargs`` (it lists the
+    keyword arguments both under ``kwargs`` and by name), which is how Hugging Face wrappers are
+    often written (``forward(self, **batch)``). The instance attribute is removed afterwards.
+    """
+    forward = model.forward
+    params = list(inspect.signature(forward).parameters.values())
+    variadic = {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD}
+    if not any(p.kind in variadic for p in params):
+        yield
+        return
+    inspect.signature(forward).bind(*args, **kwargs)  # TypeError when the call does not fit
+    positional = [p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                        inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    var = next((p.name for p in params if p.kind == inspect.Parameter.VAR_POSITIONAL), "args")
+    names = [positional[i] if i < len(positional) else f"_{var}{i - len(positional)}" for i in range(len(args))]
+    fixed = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_ONLY) for n in names] + \
+        [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY) for k in kwargs]
+
+    def call(*a: Any, **k: Any) -> Any:
+        return forward(*a, **k)
+
+    call.__signature__ = inspect.Signature(fixed)  # type: ignore[attr-defined]
+    model.forward = call  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del model.forward
 
 
 def guess_batch_size(args: tuple, kwargs: dict) -> int:
@@ -154,28 +195,81 @@ def capture(model: nn.Module, args: tuple, kwargs: dict | None = None, dynamic: 
     program = None
     with warnings.catch_warnings(), quiet_torch_logs():
         warnings.simplefilter("ignore")
-        attempts = [True, False] if dynamic else [False]
+        # "tied": every batch-sized input shares one batch symbol; "auto": export picks per input
+        # (only to name the input that broke "tied"); "static": no symbolic batch at all.
+        attempts = ["tied", "auto", "static"] if dynamic else ["static"]
         last_error: BaseException | None = None
-        for use_dynamic in attempts:
+        tied_error: BaseException | None = None
+        for attempt in attempts:
             try:
-                dyn = _dynamic_batch_spec(model.forward, args, kwargs) if use_dynamic else None
+                with explicit_forward(model, args, kwargs):
+                    dyn = None if attempt == "static" else \
+                        _dynamic_batch_spec(model.forward, args, kwargs, batch_size, tied=attempt == "tied")
             except TypeError as exc:
                 raise RanncError(f"the model's forward does not accept these arguments ({exc})") from None
             tracker = module_tracker(model)
             try:
-                with tracker:
+                with tracker, explicit_forward(model, args, kwargs):
                     program = torch.export.export(model, args, kwargs, dynamic_shapes=dyn, strict=False)
                 if has_mutations(program):
                     program = program.run_decompositions({})  # functionalise in-place ops
                 break
             except Exception as exc:  # noqa: BLE001 - every failure becomes a diagnosis
                 last_error = exc
-                if not use_dynamic or not _is_dynamic_shape_failure(exc):
+                if attempt == "static" or not _is_dynamic_shape_failure(exc):
                     raise diagnose_export_failure(exc, tracker.failure_stack, model) from None
+                if attempt == "tied":
+                    tied_error = exc
         if program is None:
             assert last_error is not None
             raise diagnose_export_failure(last_error, [], model) from None
-    return _describe_program(model, program, args, kwargs, batch_size)
+    relax_views(program)
+    captured = _describe_program(model, program, args, kwargs, batch_size)
+    if attempt == "auto":
+        _refuse_untied_batch_inputs(captured, tied_error)
+    return captured
+
+
+def _refuse_untied_batch_inputs(captured: "CapturedModel", tied_error: BaseException | None) -> None:
+    """After the tied export failed: name the batch-sized inputs the model does not treat as batch.
+
+    Splitting such an input by rows would change the numbers, and keeping it whole for every
+    replica and microbatch would too, so capture stops instead of guessing.
+    """
+    values = {n.name: n.meta.get("val") for n in captured.graph.nodes if n.op == "placeholder"}
+    untied = [i.path for i in captured.inputs if i.is_tensor and i.batch_dim is None
+              and isinstance(values.get(i.placeholder), torch.Tensor) and values[i.placeholder].dim() > 0
+              and _hint(values[i.placeholder].shape[0]) == captured.batch_size]
+    if not untied:
+        return
+    reason = next((line.strip() for line in str(tied_error).splitlines() if line.strip()), "")[:200]
+    raise RanncError(
+        f"input {', '.join(untied)} has the batch size ({captured.batch_size}) as its first dimension, but the "
+        f"model does not use that dimension as the batch (torch.export: {reason})",
+        hint="rannc splits dim 0 of every tensor input as the batch; if the input is per-sample data, make the "
+             "model index it like the other inputs so it works for any batch size; if it is not, make it a "
+             "buffer of the model or give it a first dimension other than the batch size")
+
+
+def relax_views(program: ExportedProgram) -> int:
+    """Turn every ``aten.view`` of the graph into ``aten.reshape``; returns how many.
+
+    Export decides view-or-copy from the strides its fake tensors have, which are not always
+    the real kernels' (CPU SDPA returns a contiguous output where its fake one is transposed,
+    so T5's ``reshape`` is traced as a view that fails on real data), and stage inputs lose
+    their capture-time layout when the profiler tiles them or the runtime sends them. The graph
+    is functional, so ``reshape`` (a view where the strides allow, a copy otherwise) computes
+    the same values on any layout.
+    """
+    count = 0
+    for node in program.graph.nodes:
+        if node.op == "call_function" and node.target in (torch.ops.aten.view.default,
+                                                          torch.ops.aten._unsafe_view.default):
+            node.target = torch.ops.aten.reshape.default
+            count += 1
+    if count:
+        program.graph_module.recompile()
+    return count
 
 
 @contextmanager

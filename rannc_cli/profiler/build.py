@@ -5,9 +5,8 @@
     prof.save("rannc-profile.yaml")
 
 Only one block per class (structurally identical blocks) is profiled. The inputs a block sees
-come from running the model once, block by block, on the first m0 samples of the user's batch
-(m0: the smallest size asked for); inputs at larger sizes repeat those samples along the batch
-dimension. Estimate mode makes shape-only fake inputs instead and runs no kernel.
+at microbatch size m come from running the model block by block (no grad) on the first m samples
+of the user's batch (its samples repeated when m is larger than the batch). Estimate mode makes shape-only fake inputs instead and runs no kernel.
 """
 
 from __future__ import annotations
@@ -99,34 +98,6 @@ def record_block_inputs(bg: BlockGraph, stages: list[StageModule], values: dict[
                 if last_use.get(name) == b and name not in values:
                     env.pop(name, None)
     return recorded
-
-
-def resize_inputs(bg: BlockGraph, names: list[str], values: list[Any], microbatch: int) -> list[Any]:
-    """Block inputs recorded at one microbatch size, made into inputs at ``microbatch``: tensors
-    are tiled (or cut) along their batch dimension, symbolic sizes are re-evaluated."""
-    captured = bg.captured
-    out = []
-    for name, value in zip(names, values):
-        val = captured.node(name).meta.get("val")
-        if isinstance(val, torch.SymInt):
-            out.append(_concrete(val, captured, microbatch))
-            continue
-        if not isinstance(value, torch.Tensor) or not isinstance(val, torch.Tensor):
-            out.append(value)
-            continue
-        target = concrete_shape(val, captured, microbatch)
-        if list(value.shape) != target:
-            differ = [d for d, (a, b) in enumerate(zip(value.shape, target)) if a != b]
-            if len(value.shape) == len(target) and len(differ) == 1 and value.shape[differ[0]] > 0:
-                d = differ[0]
-                reps = -(-target[d] // value.shape[d])
-                value = torch.cat([value.detach()] * reps, dim=d).narrow(d, 0, target[d])
-            elif value.is_floating_point():
-                value = torch.randn(target, dtype=value.dtype, device=value.device)
-            else:
-                value = torch.zeros(target, dtype=value.dtype, device=value.device)
-        out.append(_leaf_like(value, bg, name))
-    return out
 
 
 def _leaf_like(x: Any, bg: BlockGraph, name: str) -> Any:
@@ -280,16 +251,17 @@ def profile_model(model: nn.Module, args: tuple, kwargs: dict | None = None, *, 
             from rannc_cli.profiler.measure import measure_block
 
             full = captured.flatten_inputs(tuple(args), kwargs)
-            base = sizes[0]  # one cheap pass at the smallest size; larger inputs are tiled from it
-            note(f"running the model block by block at microbatch {base}", 0)
-            recorded = record_block_inputs(bg, stages, slice_inputs(captured, full, base), set(representatives))
             budget = float(settings.get("profile_budget_seconds"))
             for m in sizes:
+                # Block inputs at each size come from running the model on m samples: values that
+                # index the whole microbatch (MoE routing permutations, per-expert token counts)
+                # are only right when computed at that size, never when tiled from another.
+                note(f"running the model block by block at microbatch {m}", 0)
+                recorded = record_block_inputs(bg, stages, slice_inputs(captured, full, m), set(representatives))
                 for b, cls in representatives.items():
                     note(f"measuring block {b} ({bg.blocks[b].name or '<root>'}) at microbatch {m}", 1)
-                    inputs = resize_inputs(bg, stages[b].input_names, recorded[b], m)
-                    costs[cls].append(measure_block(stages[b], inputs, m, warmup, repeats, budget))
-            del recorded
+                    costs[cls].append(measure_block(stages[b], recorded[b], m, warmup, repeats, budget))
+                del recorded
         else:
             from torch._subclasses.fake_tensor import FakeTensorMode
 

@@ -12,6 +12,9 @@ returns the loss through an autograd function whose backward adds ``grad_output 
 those gradients to ``.grad``. Plain ``loss.backward()`` (factor 1) and GradScaler (power-of-two
 factors, normally 1 after the first step) are exact; a forward whose loss is never backwarded
 leaves ``.grad`` untouched; gradient accumulation over several forwards works as in PyTorch.
+Inputs that require grad get theirs the same way: each stage replica adds the gradient of the
+slice it read into a full-size buffer, the buffers are summed over the world, and backward hands
+them to the inputs.
 """
 
 from __future__ import annotations
@@ -90,14 +93,17 @@ class _PipelineLoss(torch.autograd.Function):
     """Returns the loss; its backward hands the precomputed gradients to the engine."""
 
     @staticmethod
-    def forward(ctx, anchor, loss, engine, pending, seed):  # type: ignore[override]
-        ctx.engine, ctx.pending, ctx.seed = engine, pending, seed
+    def forward(ctx, anchor, loss, engine, pending, seed, input_grads, *inputs):  # type: ignore[override]
+        ctx.engine, ctx.pending, ctx.seed, ctx.input_grads = engine, pending, seed, input_grads
+        ctx.devices = [x.device for x in inputs]
         return loss.clone()
 
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
-        ctx.engine.apply_grads(ctx.pending, float(grad_output), ctx.seed)
-        return None, None, None, None, None
+        factor = float(grad_output)
+        ctx.engine.apply_grads(ctx.pending, factor, ctx.seed)
+        to_inputs = tuple((g * (factor / ctx.seed)).to(d) for g, d in zip(ctx.input_grads, ctx.devices))
+        return (None, None, None, None, None, None) + to_inputs
 
 
 class Engine:
@@ -115,6 +121,9 @@ class Engine:
         self.loss_reduction = str(options.pop("loss_reduction", None) or settings.get("loss_reduction"))
         if self.loss_reduction not in ("mean", "sum"):
             raise RanncError(f"loss_reduction {self.loss_reduction!r} is not known", hint="use mean or sum")
+        self.batchnorm = str(options.pop("batchnorm", None) or settings.get("batchnorm"))
+        if self.batchnorm not in ("local", "sync"):
+            raise RanncError(f"batchnorm {self.batchnorm!r} is not known", hint="use local or sync")
         self.constraints = Constraints.from_settings(**options)
         if self.constraints.extra:
             raise RanncError(f"unknown RaNNCModule option(s): {', '.join(sorted(self.constraints.extra))}",
@@ -126,6 +135,9 @@ class Engine:
 
         heartbeat.start(env.rank, env.world_size)  # from now on a stopped rank is named within hang_timeout_seconds
         _install_excepthook()  # after init_process_group, whose own hook would swallow our line
+        from rannc_cli.runtime import clipping
+
+        clipping.register(self)  # torch.nn.utils.clip_grad_norm_ on this model's parameters becomes global
         from rannc_cli.runtime.deferred import give_storage, meta_parameters
 
         deferred = meta_parameters(model)
@@ -144,6 +156,7 @@ class Engine:
         self.local: list[nn.Parameter] = []
         self.freed: dict[int, tuple[nn.Parameter, torch.Size]] = {}
         self.reducer: GradReducer | None = None
+        self.groups: dict[tuple[int, ...], Any] = {}
         self.placeholder: nn.Parameter | None = None
         self.resume_from: str | None = None
         self._checked_inputs = False
@@ -249,12 +262,37 @@ class Engine:
             if extra:
                 raise RanncError(f"stage {role[0]} needs parameters in {'train' if training else 'eval'} mode that "
                                  f"it does not hold in the other mode ({extra[0]})", hint="please report this model")
+        if training:
+            self._batch_norm_note(stages)
         if role is not None:
             stages[role[0]].place(self.device)
+            self._batch_norm(stages[role[0]], training)
         ex = Executor(bg, stages, self.layout, self.rank, self.device, self.plan.schedule, self.plan.microbatches,
                       [st.checkpoint for st in self.plan.stages], self.loss_reduction, self.rng_base)
         self.modes[training] = Mode(bg, stages, ex)
         return self.modes[training]
+
+    def _batch_norm(self, stage: StageModule, training: bool) -> None:
+        """batchnorm='sync' and a replicated stage: its BatchNorms take statistics over all its replicas."""
+        from rannc_cli.runtime.syncbn import sync_batch_norm
+
+        assert self.plan is not None and self.layout is not None
+        if not training:
+            return
+        ranks = tuple(sorted(self.layout.stage_ranks[stage.index]))
+        if self.batchnorm == "sync" and len(ranks) > 1:
+            sync_batch_norm(stage.graph_module, self.groups[ranks])
+
+    def _batch_norm_note(self, stages: list[StageModule]) -> None:
+        """Rank 0 says once how BatchNorm statistics differ from one device under this plan."""
+        from rannc_cli.runtime.batchnorm import slicing_warning
+
+        assert self.plan is not None
+        if self.rank != 0 or self.constraints.quiet:
+            return
+        text = slicing_warning(stages, self.plan, self.batchnorm)
+        if text:
+            print(text, file=sys.stderr, flush=True)
 
     def _setup(self, bg: BlockGraph, args: tuple, kwargs: dict) -> None:
         """Plan (or load the plan), place parameters, make groups, trim the optimizer."""
@@ -296,8 +334,8 @@ class Engine:
                 holders.setdefault(id(t), set()).update(self.layout.stage_ranks[st.index])
                 objects[id(t)] = t
         self.holders = {k: tuple(sorted(v)) for k, v in holders.items()}
-        groups = make_groups([r for r in self.holders.values()] + [tuple(r) for r in self.layout.stage_ranks],
-                             self.timeout)
+        groups = self.groups = make_groups([r for r in self.holders.values()] +
+                                           [tuple(r) for r in self.layout.stage_ranks], self.timeout)
         role = self.layout.role(self.rank)
         local_ids = {k for k, v in self.holders.items() if self.rank in v}
         seen: set[int] = set()
@@ -364,10 +402,16 @@ class Engine:
     # ------------------------------------------------------------------ preemption
     def _wrap_optimizer_step(self, opt: torch.optim.Optimizer) -> None:
         """optimizer.step(): a no-op for replayed steps; after it, the agreed preemption checkpoint."""
+        import functools
+        import types
+
         base = opt.step
         engine = self
 
-        def step(*a: Any, **kw: Any) -> Any:
+        # A bound method that keeps the marks of an LR scheduler that wrapped the step before (no
+        # "optimizer.step() has been overridden" warning) and that a later scheduler can wrap again.
+        @functools.wraps(base)
+        def step(_opt: Any, *a: Any, **kw: Any) -> Any:
             if engine.in_replay:
                 return None
             out = base(*a, **kw)
@@ -375,7 +419,7 @@ class Engine:
                 engine.checkpoint_and_exit()
             return out
 
-        opt.step = step  # type: ignore[method-assign]
+        opt.step = types.MethodType(step, opt)  # type: ignore[method-assign]
 
     def checkpoint_and_exit(self) -> None:
         """Every rank: write the preemption checkpoint, then leave with exit code 0 (SystemExit)."""
@@ -407,6 +451,10 @@ class Engine:
             raise
 
     def _forward(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        if self.local_batches and torch.is_grad_enabled() and any(
+                isinstance(t, torch.Tensor) and t.requires_grad for t in pytree.tree_leaves((args, kwargs))):
+            raise RanncError("an input requires grad, which local_batches=True does not support (each rank's share "
+                             "is gathered as data)", hint="pass the global batch on every rank, or detach the input")
         args, kwargs = self._batch(args, kwargs)
         if not self._checked_inputs:
             if not self.local_batches:
@@ -437,11 +485,16 @@ class Engine:
                 stash[p], p.grad = p.grad, None
         seed = self.seed_scale
         assert self.reducer is not None
+        wanted = [i.placeholder for i in captured.inputs if train and i.is_tensor
+                  and values[i.placeholder].requires_grad]  # the same on every rank: the same batch
+        mode.executor.input_grads = {name: torch.zeros_like(values[name], device=self.device) for name in wanted}
         try:
             local = mode.executor.run(values, batch_size, train, seed, self.step)
             if train:
                 self.reducer.start()
                 self.reducer.finish()
+                for g in mode.executor.input_grads.values():
+                    dist.all_reduce(g)  # each rank added the slices its stage read
             flag = 0.0
             if train and self.scaled:
                 flag = float(any(p.grad is not None and not torch.isfinite(p.grad).all() for p in self.local))
@@ -472,7 +525,9 @@ class Engine:
             return loss
         self.step += 1
         self.losses.append(float(total[0]))
-        return _PipelineLoss.apply(self.anchor, loss, self, pending, seed)
+        input_grads = [mode.executor.input_grads.pop(name) for name in wanted]
+        return _PipelineLoss.apply(self.anchor, loss, self, pending, seed, input_grads,
+                                   *[values[name] for name in wanted])
 
     def _replay(self, captured: Any, args: tuple, kwargs: dict) -> torch.Tensor:
         """A training step the checkpoint already contains: its recorded loss, no gradients, no update."""
@@ -487,7 +542,7 @@ class Engine:
             pending = {p: torch.zeros_like(p) for p in self.local if p.requires_grad}
             if self.placeholder is not None:
                 pending[self.placeholder] = torch.zeros(0, device=self.device)
-        return _PipelineLoss.apply(self.anchor, loss, self, pending, self.seed_scale)
+        return _PipelineLoss.apply(self.anchor, loss, self, pending, self.seed_scale, [])
 
     def apply_grads(self, pending: dict[nn.Parameter, torch.Tensor | None], grad_output: float, seed: float) -> None:
         """``loss.backward()``: add grad_output / seed times this step's gradients to ``.grad``."""

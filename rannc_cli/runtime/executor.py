@@ -10,7 +10,8 @@ stage replica takes its slice of microbatch m: user inputs are sliced from the b
 holds, values made by earlier stages arrive from the replicas whose slices overlap its own (any
 earlier stage, not only the previous one), and its outputs leave the same way. ``B(m)`` receives
 the gradients of its outputs (summed over consuming stages), runs autograd, and sends the
-gradients of its inputs back. The loss of slice (m, j) enters the total with weight n_mj / B
+gradients of its inputs back; user inputs named in ``input_grads`` (inputs that require grad)
+enter as leaves, and each slice's gradient is added into that buffer. The loss of slice (m, j) enters the total with weight n_mj / B
 (mean-reduced losses) or 1 (sum-reduced), so the total equals the full-batch loss.
 """
 
@@ -104,6 +105,7 @@ class Executor:
                                  hint="move the stage boundary away from it (a plan with other stage boundaries)")
         self._check_slicing()
         self.random = [_has_random_ops(st) for st in stages]
+        self.input_grads: dict[str, torch.Tensor] = {}  # user inputs that want a gradient -> its sum so far
 
     # ------------------------------------------------------------------ checks
     def _check_slicing(self) -> None:
@@ -201,6 +203,8 @@ class Executor:
                 x = x.narrow(v.batch_dim, mine[0] * v.rows, (mine[1] - mine[0]) * v.rows)
             if isinstance(x, torch.Tensor) and x.device != self.device:
                 x = x.to(self.device, non_blocking=True)
+            if train and name in self.input_grads:
+                x = x.detach().requires_grad_(True)  # a leaf: its gradient lands in input_grads, not in x
             return x
         if not v.is_tensor:
             return sym_value(v.meta, self.captured.batch_symbol, mine[1] - mine[0])
@@ -262,6 +266,11 @@ class Executor:
             torch.autograd.backward(tensors, grads)
         for name, x in zip(stage.input_names, inputs):
             v = self.values[name]
+            if name in self.input_grads and isinstance(x, torch.Tensor) and x.grad is not None:
+                total = self.input_grads[name]
+                part = total if v.batch_dim is None else \
+                    total.narrow(v.batch_dim, mine[0] * v.rows, (mine[1] - mine[0]) * v.rows)
+                part += x.grad.to(part.device, part.dtype)
             if name in self.user_inputs or not v.grad:
                 continue
             g = x.grad if x.grad is not None else torch.zeros_like(x)

@@ -14,8 +14,13 @@ real first batch to the profiler (rannc_cli.runtime.hooks).
 Options: ``local_batches=True`` (each rank passes its own share of the global batch, in rank
 order), ``plan=`` (a plan file, Plan, or ``{"replicas": [2, 1], "microbatches": 2, ...}`` for an
 even split without profiling), ``stages=``, ``replicas=``, ``microbatches=``, ``schedule=``,
-``checkpoint=`` ('auto', 'on', 'off'), ``loss_reduction=`` ('mean', 'sum'); each overrides the
+``checkpoint=`` ('auto', 'on', 'off'), ``loss_reduction=`` ('mean', 'sum'), ``batchnorm=``
+('local', 'sync': BatchNorm statistics shared by a stage's replicas); each overrides the
 RANNC_<NAME> setting of the same name.
+
+The wrapper is transparent for the script: ``named_parameters()``/``named_buffers()`` give the
+user's names, ``torch.nn.utils.clip_grad_norm_(model.parameters(), m)`` clips by the global norm
+(rannc_cli.runtime.clipping), and so does ``model.clip_grad_norm_(m)``.
 """
 
 from __future__ import annotations
@@ -76,6 +81,24 @@ class RaNNCModule(nn.Module):
         if self._env is None:
             return self.model(*args, **kwargs)
         return self._get_engine().forward(args, kwargs)
+
+    # The wrapper is transparent for names: the user's model's, without a "model." prefix.
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):  # type: ignore[override]
+        return self.model.named_parameters(prefix=prefix, recurse=recurse, remove_duplicate=remove_duplicate)
+
+    def named_buffers(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):  # type: ignore[override]
+        return self.model.named_buffers(prefix=prefix, recurse=recurse, remove_duplicate=remove_duplicate)
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
+                        foreach: bool | None = None) -> torch.Tensor:
+        """``model.clip_grad_norm_(1.0)``: clip every gradient by the single-device total norm; returns it."""
+        engine = self._engine
+        if engine is not None and engine.plan is not None:
+            from rannc_cli.runtime.clipping import global_clip_grad_norm_
+
+            return global_clip_grad_norm_(engine, self.model.parameters(), max_norm, norm_type, error_if_nonfinite,
+                                          foreach)
+        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, norm_type, error_if_nonfinite, foreach)
 
     # The wrapper is transparent for state: checkpoints load into the bare model.
     def state_dict(self, *args: Any, **kwargs: Any):  # type: ignore[override]

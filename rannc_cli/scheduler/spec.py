@@ -110,6 +110,7 @@ class JobSpec:
     host: str | None = None
     templates_dir: str | None = None  # a site's own templates, searched before templates/
     scheduler_options: dict[str, Any] = field(default_factory=dict)  # the site's `submit: <backend>:` block
+    mpi: str | None = None           # the site's MPI launcher (``submit: mpi:``, e.g. "mpirun"); None: the backend's own
 
     def summary(self) -> str:
         where = f" on {self.host}" if self.host else ""
@@ -228,6 +229,7 @@ def resolve_spec(*, script: Path, script_args: list[str], nodes: int, gpus: int,
         host=host,
         templates_dir=str(templates_dir) if templates_dir else None,
         scheduler_options=_scheduler_options(sub, backend, site_cfg),
+        mpi=str(sub["mpi"]) if sub.get("mpi") else None,
     )
     if site_cfg is not None and backend != "local":
         check_site_shape(site_cfg, nodes, gpus)

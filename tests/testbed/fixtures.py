@@ -89,3 +89,19 @@ def gridengine(tmp_path_factory):
     cluster = _start("gridengine", lambda: GridEngine.start(tmp_path_factory.mktemp("gridengine")))
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def openpbs_server():
+    """A real OpenPBS 23.06 (tests/testbed/openpbs.py) from the prebuilt tarball named by RANNC_TEST_OPENPBS;
+    skipped with the reason where that is unset (failed under CI=true, which sets it)."""
+    from pathlib import Path
+
+    from testbed.openpbs import OpenPBSServer
+
+    tarball = os.environ.get("RANNC_TEST_OPENPBS", "")
+    if not tarball:
+        _unavailable("openpbs", "RANNC_TEST_OPENPBS is not set (the path of a prebuilt openpbs-bookworm.tgz)")
+    server = _start("openpbs", lambda: OpenPBSServer.start(Path(tarball)))
+    yield server
+    server.stop()

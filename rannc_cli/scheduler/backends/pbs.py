@@ -77,7 +77,8 @@ def job_state(attrs: dict[str, Any]) -> PhaseState:
     state = PBS_STATES.get(letter, "UNKNOWN")
     comment = str(attrs.get("comment", "")) or None
     if state != "FINISHED":
-        return PhaseState(state, reason=comment)
+        # the scheduler's comment on a queued job; "Can Never Run: ..." means no node can ever hold it
+        return PhaseState(state, reason=comment, never=state == "PENDING" and (comment or "").startswith("Can Never Run"))
     code_text = attrs.get("Exit_status", attrs.get("exit_status"))
     if code_text is None or str(code_text).strip() == "":
         return PhaseState("UNKNOWN", reason="finished; PBS gave no Exit_status")

@@ -159,8 +159,10 @@ def account_line(spec) -> str | None:
 def launcher_line(spec) -> str | None:
     """The site's MPI launcher command with ranks/gpus/nodes filled in; None: rannc starts the ranks."""
     text = (spec.scheduler_options or {}).get("launcher")
-    if not text or text in ("qrsh", "local"):
+    if text in ("qrsh", "local"):
         return None
+    if not text:   # the generic `submit: mpi:` line, as on PBS: rannc adds -n <ranks>
+        return f"{spec.mpi} -n {spec.nodes * spec.gpus}" if spec.mpi else None
     return str(text).format(ranks=spec.nodes * spec.gpus, gpus=spec.gpus, nodes=spec.nodes)
 
 

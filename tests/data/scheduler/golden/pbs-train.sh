@@ -2,6 +2,7 @@
 #PBS -N bert-train
 #PBS -q h-regular
 #PBS -l select=4:ncpus=2:ngpus=2:mpiprocs=2
+#PBS -l place=scatter
 #PBS -l walltime=2:00:00
 #PBS -W group_list=gk77
 #PBS -r y
@@ -32,6 +33,7 @@ RUNS=$(cat "$PHASE_DIR/rannc-runs" 2>/dev/null || echo 0)
 export RANNC_RESTART_COUNT="$RUNS"
 echo $((RUNS + 1)) > "$PHASE_DIR/rannc-runs"
 mkdir -p "$RANNC_CHECKPOINT_DIR"
+export RANNC_GPUS_PER_NODE=2   # for a site's `submit: mpi:` line
 
 # The allocation: PBS_NODEFILE lists each node once per MPI process (mpiprocs).
 # (Slurm's PBS wrappers do not set it; generate_pbs_nodefile writes an equivalent.)
@@ -51,22 +53,88 @@ echo "rannc: run $RANNC_RESTART_COUNT of job ${PBS_JOBID:-?} on $NNODES node(s),
 # Plan for the nodes actually allocated (a rerun with the same count keeps its plan).
 /home/alice/venv/bin/python -m rannc_cli.scheduler.phase plan --job-dir "$JOB_DIR" --nodes "$NNODES" --gpus 2 --mem-per-gpu 17179869184 || exit $?
 
-# Walltime (SIGTERM, then SIGKILL after kill_delay) or a warning (SIGUSR1): ranks checkpoint.
+# PBS's own commands (pbs_tmrsh, qrerun): where pbs_tmrsh is on PATH, else in PBS_EXEC/bin as pbs.conf names it
+# (other batch systems install their own qrerun, so only pbs_tmrsh tells where PBS is).
+PBS_BIN=$(dirname "$(command -v pbs_tmrsh 2>/dev/null || echo "$(sed -n 's/^PBS_EXEC=//p' "${PBS_CONF_FILE:-/etc/pbs.conf}" 2>/dev/null)/bin/pbs_tmrsh")")
+TMRSH="$PBS_BIN/pbs_tmrsh"
+QRERUN="$PBS_BIN/qrerun"
+[ -x "$QRERUN" ] || QRERUN=qrerun
+
+# PBS sends no warning before the walltime (SIGTERM reaches every process of the job at once, then
+# SIGKILL after kill_delay), so the job warns itself 120 s ahead (SIGUSR1 to this shell,
+# which may also come from outside). Either way every rank is asked to checkpoint and stop.
+RANNC_WARNED=0
+rannc_signal_ranks() {
+    # each rank wrote "<host> <pid>" when it started: signal it there (pbs_tmrsh for another host)
+    for f in "$PHASE_DIR"/rank-*.pid; do
+        [ -f "$f" ] || continue
+        read -r host pid < "$f"
+        if [ "$host" = "$(hostname)" ]; then kill "-$1" "$pid" 2>/dev/null; else "$TMRSH" "$host" kill "-$1" "$pid" 2>/dev/null & fi
+    done
+}
 rannc_warning() {
+    RANNC_WARNED=1
     echo "rannc: $1: asking every rank to checkpoint"
-    [ -n "${MPI_PID:-}" ] && kill -USR1 "$MPI_PID" 2>/dev/null
+    rannc_signal_ranks USR1
 }
 trap 'rannc_warning SIGUSR1' USR1
 trap 'rannc_warning SIGTERM' TERM
+RANNC_WARN_IN=$((7080 - SECONDS))   # SECONDS: since this job started
+( sleep "$((RANNC_WARN_IN > 1 ? RANNC_WARN_IN : 1))" && kill -USR1 $$ ) &
+RANNC_TIMER=$!
 
 cd /home/alice/src
 date +%s > "$PHASE_DIR/rannc-train-start"
-export SLURM_KILL_BAD_EXIT=1   # only read by Slurm-backed mpiexec wrappers; MPI launchers abort on a failed rank
-mpiexec -n 8 bash "$JOB_DIR/rank.sh" &
-MPI_PID=$!
+rm -f "$RANNC_CHECKPOINT_DIR/rannc-preempted" "$PHASE_DIR"/rank-*.pid   # the ranks write them
+# No site MPI: PBS's own task launch. pbs_tmrsh starts one rank per PBS_NODEFILE line on that node as
+# a task of this job (PBS accounts for it and kills it with the job); it returns the rank's exit status.
+export -p > "$PHASE_DIR/rank-env.sh"   # tasks start with PBS's environment, not this shell's: the ranks source it
+RANK_PIDS=()
+rank=0
+while read -r host; do
+    # SIGUSR1 ignored: a signal to every process of the job (qsig) must not end a rank's launcher
+    ( trap '' USR1; exec "$TMRSH" "$host" bash "$JOB_DIR/rank.sh" "$rank" "$PHASE_DIR/rank-env.sh" ) &
+    RANK_PIDS+=("$!")
+    rank=$((rank + 1))
+done < "$PBS_NODEFILE"
+# Wait for every rank; the first one that fails stops the others (SIGTERM, then SIGKILL after 10 s).
+code=0
+failed_at=""
 while :; do
-    wait "$MPI_PID"
-    code=$?
-    kill -0 "$MPI_PID" 2>/dev/null || break
+    running=0
+    for i in "${!RANK_PIDS[@]}"; do
+        pid=${RANK_PIDS[$i]}
+        [ -n "$pid" ] || continue
+        if kill -0 "$pid" 2>/dev/null; then running=$((running + 1)); continue; fi
+        wait "$pid"
+        rc=$?
+        RANK_PIDS[$i]=""
+        if [ "$rc" != 0 ] && [ -z "$failed_at" ]; then
+            code=$rc
+            failed_at=$(date +%s)
+            echo "rannc: rank $i exited with $rc: stopping the other ranks"
+            rannc_signal_ranks TERM
+        fi
+    done
+    [ "$running" = 0 ] && break
+    if [ -n "$failed_at" ] && [ $(($(date +%s) - failed_at)) -ge 10 ]; then rannc_signal_ranks KILL; fi
+    sleep 0.5 & wait $!
 done
+[ -n "${RANNC_TIMER:-}" ] && kill "$RANNC_TIMER" 2>/dev/null
+if [ "$RANNC_WARNED" = 1 ] && [ -f "$RANNC_CHECKPOINT_DIR/rannc-preempted" ] && [ "$RANNC_RESTART_COUNT" -lt 3 ]; then
+    # Rerun this job (-r y): it keeps its id and resumes from the checkpoint. qrerun needs operator
+    # rights on many sites; where it is refused the job ends with that message and the checkpoint kept.
+    RANNC_REQUEUING=1
+    echo $((RANNC_RESTART_COUNT + 1)) > "$PHASE_DIR/rannc-requeued"
+    echo "rannc: ranks stopped (code $code); rerunning job $PBS_JOBID to resume from $RANNC_CHECKPOINT_DIR"
+    trap 'exit 0' TERM   # PBS ends this run with SIGTERM to every process of the job, then queues it again
+    if ( trap '' TERM; exec "$QRERUN" "$PBS_JOBID" ); then
+        sleep 300 & wait $!
+        exit 0
+    fi
+    RANNC_REQUEUING=0
+    echo $((RANNC_RESTART_COUNT)) > "$PHASE_DIR/rannc-requeued"
+    echo "rannc: qrerun was refused: submit again to resume from $RANNC_CHECKPOINT_DIR"
+    exit 75
+fi
 exit "$code"

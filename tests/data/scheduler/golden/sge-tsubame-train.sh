@@ -29,6 +29,7 @@ rm -f "$PHASE_DIR/rannc-exitcode"
 trap rannc_finish EXIT
 export RANNC_PLAN="$JOB_DIR/plan.yaml"
 export RANNC_CHECKPOINT_DIR="$JOB_DIR/checkpoints"
+export RANNC_GPUS_PER_NODE=4   # for a site's `submit: mpi:` line
 
 # Grid Engine starts a -hold_jid successor however its predecessor ended (also after a qdel):
 # train only when the profiling job (RANNC_AFTER, set by qsub -v) recorded success.
