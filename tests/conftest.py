@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.fixtures import openpbs_server, pbs_wrappers, slurm_cluster, slurm_login_node, sshd_server  # noqa: F401  (testbed fixtures, started lazily)
+from testbed.fixtures import gridengine, openpbs_server, pbs_wrappers, slurm_cluster, slurm_login_node, sshd_server  # noqa: F401  (testbed fixtures, started lazily)
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"

@@ -43,6 +43,12 @@ CASES = {
     "pjm": spec(backend="pjm", queue="regular-a", account="gz00", gpus=8, modules=["cuda", "ompi"],
                 mpi="mpiexec -machinefile $PJM_O_NODEINF -npernode ${RANNC_GPUS_PER_NODE}"),
     "nqsv": spec(backend="nqsv", queue="gen_S", account="PROJ01", nodes=2, gpus=1, cpus_per_gpu=48, modules=[]),
+    "sge": spec(backend="sge", queue="gpu.q", account="proj42", gpus=4, nodes=2,
+                scheduler_options={"pe": "smp", "pe_multinode": "mpi4"}),
+    "sge-tsubame": spec(backend="sge", site="tsubame-4.0", queue=None, account="tga-lab", account_option="-g <group>",
+                        gpus=4, nodes=2, modules=["cuda", "openmpi"],
+                        scheduler_options={"resource_types": {4: "node_f", 2: "node_h", 1: "node_q"},
+                                           "launcher": "mpirun -npernode {gpus} -n {ranks} -x LD_LIBRARY_PATH"}),
     "local": spec(backend="local", nodes=1, gpus=4, queue=None, account=None, time_seconds=None, modules=[], setup=[],
                   mem_per_gpu=None, env={}),
 }
@@ -179,7 +185,35 @@ def test_slurm_time_rounds_up_to_minutes():
     assert slurm_time(45) == "00:01:00" and slurm_time(7200) == "02:00:00" and slurm_time(93780) == "1-02:03:00"
 
 
-SITES = {"abci-3.0": 8, "wisteria-aquarius": 8, "miyabi-g": 1, "pegasus": 1}
+def test_tsubame_dry_run_renders_its_grid_engine_dialect(tmp_path):
+    """--site tsubame-4.0: resource type node_f per 4-GPU node, h_rt always (the site's default time),
+    the group as qsub -g, the site's mpirun for the ranks; nothing submitted."""
+    from conftest import ROOT, run_cli
+
+    res = run_cli("submit", str(ROOT / "examples" / "mlp.py"), "--site", "tsubame-4.0", "--account", "tga-lab",
+                  "--nodes", "2", "--gpus", "4", "--dry-run", cwd=tmp_path, env={"RANNC_LOGS_DIR": str(tmp_path / "logs")})
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    for needle in ("#$ -l node_f=2", "#$ -l node_q=1", "#$ -l h_rt=1:00:00", "#$ -l s_rt=0:58:00", "#$ -r y",
+                   "mpirun -npernode 4 -n 8", "-g tga-lab -hold_jid", "dry run: nothing submitted"):
+        assert needle in out, needle
+    assert "#$ -pe" not in out and "-l gpu=" not in out
+    assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.parametrize("site,gpus,shape", [("tsubame-4.0", 8, "t4n: 240 node(s) x 4 GPUs"),
+                                             ("abci-3.0", 16, "hnode: 766 node(s) x 8 GPUs")])
+def test_gpus_above_the_sites_node_are_refused_with_its_shape(tmp_path, site, gpus, shape):
+    from conftest import ROOT, run_cli
+
+    res = run_cli("submit", str(ROOT / "examples" / "mlp.py"), "--site", site, "--nodes", "1", "--gpus", str(gpus),
+                  "--dry-run", cwd=tmp_path)
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.returncode != 0 and len(lines) == 1, res.stderr
+    assert lines[0].startswith(f"error: --gpus {gpus} exceeds site {site}'s GPUs per node") and shape in lines[0]
+
+
+SITES = {"abci-3.0": 8, "wisteria-aquarius": 8, "miyabi-g": 1, "pegasus": 1, "tsubame-4.0": 4}
 
 
 @pytest.mark.parametrize("site", sorted(SITES))
@@ -204,6 +238,8 @@ def test_site_configs_render_their_own_dialect(site):
                "miyabi-g": ["#PBS -W group_list=grp1", "#PBS -l select=2:mpiprocs=1\n", "#PBS -q regular-g"],
                "wisteria-aquarius": ["#PJM -L rscgrp=regular-a", "#PJM -L node=2", "#PJM --mpi proc=16",
                                      "#PJM -L elapse=01:00:00", "#PJM -g grp1", "-machinefile $PJM_O_NODEINF"],
+               "tsubame-4.0": ["#$ -l node_f=2", "#$ -l h_rt=1:00:00", "#$ -l s_rt=0:58:00", "# rannc-qsub: -g grp1",
+                               "mpirun -npernode 4 -n 8"],
                "pegasus": ["#PBS -A grp1", "#PBS -q gen_S", "#PBS -b 2", "#PBS -T openmpi", "#PBS -l gpunum_job=1",
                            "#PBS -l elapstim_req=01:00:00"]}[site]
     for needle in dialect:

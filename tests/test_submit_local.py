@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -175,8 +176,9 @@ def test_status_names_a_stopped_rank_not_the_one_that_lost_contact(tmp_path, mlp
     (["--gpus", "0"], "--gpus must be at least 1"),
     (["--gpus", "1", "--time", "soon"], "--time 'soon' is not a duration"),
     (["--gpus", "1", "--env", "1BAD=x"], "must be NAME=VALUE"),
-    (["--gpus", "1", "--scheduler", "sge"], "not one rannc can submit to"),
-    (["--gpus", "1", "--site", "tsubame-4.0"], "site tsubame-4.0 uses sge"),
+    (["--gpus", "1", "--scheduler", "lsf"], "not one rannc can submit to"),
+    (["--gpus", "1", "--site", str(Path(__file__).parent / "data" / "scheduler" / "lsf-site.yaml")],
+     "site lsf-site uses lsf"),
     (["--gpus", "1", "--site", "nosuch"], "unknown site"),
     (["--gpus", "1", "--profile", "missing.yaml"], "--profile missing.yaml does not exist"),
 ])

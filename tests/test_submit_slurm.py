@@ -247,3 +247,53 @@ def test_dry_run_prints_scripts_and_submits_nothing(slurm_cluster, tmp_path, mlp
     assert "dry run: nothing submitted" in res.stdout
     assert slurm_cluster.run("squeue", "-h", "-t", "all", "-o", "%i").stdout == before
     assert not (tmp_path / "logs").exists()
+
+
+@pytest.fixture
+def tiny_partition(slurm_cluster):
+    """A partition on n3 whose per-node CPU cap (MaxCPUsPerNode=1) and time limit (1 min) are smaller
+    than what the tests ask: Slurm accepts such jobs and leaves them pending for ever."""
+    res = slurm_cluster.run("scontrol", "create", "partitionname=tiny", "nodes=n3", "MaxCPUsPerNode=1", "MaxTime=1",
+                            "State=UP")
+    assert res.returncode == 0, res.stderr
+    yield "tiny"
+    slurm_cluster.run("scontrol", "delete", "partitionname=tiny")
+
+
+def test_precheck_compares_cpus_per_node_and_time_limit(slurm_cluster, tmp_path, mlp_profile, tiny_partition):
+    env = _env(slurm_cluster, tmp_path)
+    script = str(SCRIPTS / "ckpt_train.py")
+    cases = [(["--gpus", "2"], "partition tiny allows at most 1 CPU(s) per node (MaxCPUsPerNode), "
+                               "2 task(s) x 1 CPU(s) per node asked"),
+             (["--gpus", "1", "--time", "5:00"], "exceeds partition tiny's limit 1:00")]
+    for flags, needle in cases:
+        res = run_cli("submit", script, "--scheduler", "slurm", "--nodes", "1", "--queue", tiny_partition, *flags,
+                      "--profile", str(mlp_profile), cwd=tmp_path, env=env)
+        assert res.returncode != 0 and needle in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").iterdir())
+
+
+def test_job_slurm_can_never_start_ends_the_wait(slurm_cluster, tmp_path, mlp_profile, tiny_partition, monkeypatch):
+    """Past the pre-check (switched off here), 2 tasks on a partition capped at 1 CPU per node stay
+    PENDING with reason PartitionConfig: --wait ends non-zero with that reason instead of waiting for ever."""
+    from rannc_cli.errors import RanncError
+    from rannc_cli.scheduler.backends.slurm import SlurmBackend
+    from rannc_cli.scheduler.submit import submit
+
+    for key, value in _env(slurm_cluster, tmp_path).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(SlurmBackend, "precheck", classmethod(lambda cls, spec, runner: []))
+    t0 = time.monotonic()
+    with pytest.raises(RanncError) as err:
+        submit(script=SCRIPTS / "ckpt_train.py", script_args=[], nodes=1, gpus=2, scheduler="slurm",
+               queue=tiny_partition, profile=mlp_profile, wait=True, quiet=True)
+    took = time.monotonic() - t0
+    assert "train phase can never start: PartitionConfig" in err.value.one_line(), err.value.one_line()
+    assert took < 30, f"the wait should end within a few polls, took {took:.0f} s"
+    rec = record(job_folder(tmp_path / "logs"))
+    tid = str(rec["phases"]["train"]["scheduler_id"])
+    assert rec["phases"]["train"]["never"] is True and rec["phases"]["train"]["reason"] == "PartitionConfig"
+    status = run_cli("status", rec["id"], cwd=tmp_path, env=_env(slurm_cluster, tmp_path))
+    assert "can never start: PartitionConfig" in status.stdout, status.stdout
+    slurm_cluster.run("scancel", tid)

@@ -113,7 +113,7 @@ def test_unsupported_scheduler_site_is_described_not_driven(tmp_path):
     res, topo = _topology(tmp_path, "--site", "tsubame-4.0", "-N", "1")
     assert res.returncode == 0, res.stderr
     assert topo["scheduler"] == "sge" and topo["discovery"]["method"] == "site"
-    assert any("cannot submit" in n for n in topo["notes"])
+    assert any("rannc topology cannot query" in n for n in topo["notes"])
 
 
 def test_site_local_discovers_this_machine(tmp_path):

@@ -124,9 +124,12 @@ def run_local(script: str | Path, script_args: list[str], nproc: int, stages: in
                 proc.send_signal(signum)
 
     previous = {}
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
+    # Workers start with SIGUSR1 ignored (an ignored signal stays ignored across exec) until the runtime
+    # installs its checkpoint handler: a warning that comes while a worker still imports torch is then
+    # dropped instead of killing it (job scripts repeat the warning until the ranks stop).
+    for sig, action in ((signal.SIGUSR1, signal.SIG_IGN), (signal.SIGTERM, forward)):
         try:
-            previous[sig] = signal.signal(sig, forward)
+            previous[sig] = signal.signal(sig, action)
         except ValueError:  # not the main thread
             pass
     for rank in range(nproc):
@@ -147,6 +150,8 @@ def run_local(script: str | Path, script_args: list[str], nproc: int, stages: in
             t.start()
             pumps.append(t)
 
+    if signal.SIGUSR1 in previous:
+        signal.signal(signal.SIGUSR1, forward)
     failures: list[tuple[int, int]] = []  # (rank, code) in the order they were seen
     stopped: set[int] = set()
     hung: tuple[int, float] | None = None  # (rank, seconds without a heartbeat)

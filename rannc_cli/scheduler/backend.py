@@ -23,7 +23,7 @@ import importlib
 import pkgutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:
     from rannc_cli.scheduler.spec import JobSpec
@@ -85,6 +85,11 @@ class Backend(ABC):
             raise RanncError(f"{cls.submit_command} not found on {runner.host}",
                              hint=f"is {cls.name} installed and on PATH there? (or pick another --scheduler, or --host)")
         return [f"{cls.name}: the request was not checked against the cluster's nodes"]
+
+    @classmethod
+    def template_values(cls, spec: "JobSpec") -> dict[str, Any]:
+        """Extra values this backend's templates use (its own time formats, resource lines); none by default."""
+        return {}
 
     @abstractmethod
     def submit(self, script: str, depends_on: str | None, phase_dir: str) -> str:

@@ -33,6 +33,23 @@ def check_nodes(spec: JobSpec, nodes: Iterable[dict[str, Any]], where: str) -> N
                          hint="ask for fewer nodes or GPUs, or another --queue")
 
 
+def check_cpus(spec: JobSpec, nodes: Iterable[dict[str, Any]], where: str, cap: int | None = None) -> None:
+    """Enough nodes with the CPUs for one task per GPU (x ``cpus_per_gpu``), within the queue's per-node
+    CPU cap (Slurm MaxCPUsPerNode); nodes that do not report CPUs are not held against the request."""
+    need = spec.gpus * (spec.cpus_per_gpu or 1)
+    what = f"{spec.gpus} task(s) x {spec.cpus_per_gpu or 1} CPU(s) per node"
+    if cap is not None and need > cap:
+        raise RanncError(f"{where} allows at most {cap} CPU(s) per node (MaxCPUsPerNode), {what} asked",
+                         hint="ask for fewer GPUs per node, or another --queue")
+    usable = [n for n in nodes if n.get("available", True) and int(n.get("gpus") or 0) >= spec.gpus]
+    fits = [n for n in usable if not n.get("cpus") or int(n["cpus"]) >= need]
+    if usable and len(fits) < spec.nodes:
+        shapes = sorted({int(n.get("cpus") or 0) for n in usable})
+        raise RanncError(f"{where} has {len(fits)} available node(s) with >= {need} CPUs for {what}, {spec.nodes} "
+                         f"asked (CPUs per node there: {', '.join(map(str, shapes))})",
+                         hint="ask for fewer GPUs per node or nodes, or another --queue")
+
+
 def check_time(spec: JobSpec, limit_text: str | None, where: str) -> None:
     """``--time`` within the queue's limit (``None``/``infinite``/unparsable: no limit known)."""
     limit = time_limit(limit_text)

@@ -109,6 +109,7 @@ class JobSpec:
     max_requeues: int = 3
     host: str | None = None
     templates_dir: str | None = None  # a site's own templates, searched before templates/
+    scheduler_options: dict[str, Any] = field(default_factory=dict)  # the site's `submit: <backend>:` block
     mpi: str | None = None           # the site's MPI launcher (``submit: mpi:``, e.g. "mpirun"); None: the backend's own
 
     def summary(self) -> str:
@@ -227,8 +228,11 @@ def resolve_spec(*, script: Path, script_args: list[str], nodes: int, gpus: int,
         max_requeues=int(settings.get("max_requeues")),
         host=host,
         templates_dir=str(templates_dir) if templates_dir else None,
+        scheduler_options=_scheduler_options(sub, backend, site_cfg),
         mpi=str(sub["mpi"]) if sub.get("mpi") else None,
     )
+    if site_cfg is not None and backend != "local":
+        check_site_shape(site_cfg, nodes, gpus)
     if spec.time_seconds and site_cfg is not None and sub.get("max_time"):
         limit = parse_time(str(sub["max_time"]))
         if spec.time_seconds > limit:
@@ -236,6 +240,31 @@ def resolve_spec(*, script: Path, script_args: list[str], nodes: int, gpus: int,
     if spec.account_option and "<" not in spec.account_option:
         spec.account_option = None
     return spec
+
+
+def _scheduler_options(sub: dict[str, Any], backend: str, site_cfg) -> dict[str, Any]:
+    """The site's backend-specific settings (``submit: sge: {resource_types: ...}``), read by that backend only."""
+    raw = sub.get(backend) or {}
+    if not isinstance(raw, dict):
+        raise RanncError(f"site config {site_cfg.name}: 'submit: {backend}:' must be a mapping")
+    return dict(raw)
+
+
+def check_site_shape(site_cfg, nodes: int, gpus: int) -> None:
+    """``--gpus`` within the site's GPUs per node and ``--nodes`` within its node count (its config's node_groups)."""
+    groups = [g for g in site_cfg.groups if g.get("gpus")]
+    if not groups:
+        return
+    shape = ", ".join(f"{g['name']}: {g.get('count', '?')} node(s) x {g['gpus']} GPUs"
+                      + (f" ({g['gpu_model']})" if g.get("gpu_model") else "") for g in groups)
+    most = max(int(g["gpus"]) for g in groups)
+    if gpus > most:
+        raise RanncError(f"--gpus {gpus} exceeds site {site_cfg.name}'s GPUs per node ({shape})",
+                         hint=f"use --gpus {most} or fewer per node, and more --nodes")
+    fitting = [g for g in groups if int(g["gpus"]) >= gpus]
+    if all(g.get("count") for g in fitting) and nodes > sum(int(g["count"]) for g in fitting):
+        raise RanncError(f"--nodes {nodes} exceeds site {site_cfg.name}'s nodes with >= {gpus} GPUs ({shape})",
+                         hint="ask for fewer nodes")
 
 
 def validate_against(spec: JobSpec, runner) -> list[str]:

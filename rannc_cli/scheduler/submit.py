@@ -62,7 +62,7 @@ def render_scripts(spec: JobSpec, job_id: str, exec_dir: str, cache_key: str) ->
     ctx: dict[str, Any] = {"spec": spec, "job_id": job_id, "job_dir": exec_dir, "cache_key": cache_key,
                            "slurm_time": slurm_time(spec.time_seconds) if spec.time_seconds else "",
                            "walltime": hms(spec.time_seconds) if spec.time_seconds else "",
-                           "account_flag": account_flag}
+                           "account_flag": account_flag, **backend_class(spec.backend).template_values(spec)}
     return {fname: render(spec.backend, f"{fname}.j2", {**ctx, "phase": "profile" if fname == "profile.sh" else "train"},
                           spec.templates_dir)
             for fname in backend_class(spec.backend).templates}

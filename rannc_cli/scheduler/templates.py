@@ -10,7 +10,8 @@ Rules enforced here, not by convention:
 - ``StrictUndefined``: a missing value is an error, never an empty string.
 - Every ``{{ expression }}`` must end in a filter that says how it is quoted: ``| q`` (one shell
   word through shlex.quote), ``| qjoin`` (a list of shell words), ``| directive`` (a plain token
-  for a ``#SBATCH``/``#PBS`` line; anything else is refused) or ``| trusted`` (site-config text,
+  for a ``#SBATCH``/``#PBS`` line; anything else is refused), ``| directive_words`` (several such
+  tokens separated by spaces, e.g. ``-pe smp 4``) or ``| trusted`` (site-config text,
   e.g. module names and setup lines, which the site's administrator wrote). Numbers may be
   printed bare. Rendering a bare string raises ``TemplateQuotingError``.
 """
@@ -51,6 +52,12 @@ def _directive(value: Any) -> _Safe:
     return _Safe(check_directive_value("value", str(value)))
 
 
+def _directive_words(value: Any) -> _Safe:
+    """Several directive tokens (``-pe smp 4``, or a list of them), each checked like ``directive``."""
+    words = value.split() if isinstance(value, str) else [str(v) for v in value]
+    return _Safe(" ".join(_directive(w) for w in words))
+
+
 def _trusted(value: Any) -> _Safe:
     text = str(value)
     if "\n" in text or "\r" in text:
@@ -88,7 +95,7 @@ def render(backend: str, name: str, context: dict[str, Any], site_dir: str | Non
     env = jinja2.Environment(loader=jinja2.FileSystemLoader([str(d) for d in dirs]), undefined=jinja2.StrictUndefined,
                              finalize=_finalize, autoescape=False, keep_trailing_newline=True,
                              trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(q=_q, qjoin=_qjoin, directive=_directive, trusted=_trusted)
+    env.filters.update(q=_q, qjoin=_qjoin, directive=_directive, directive_words=_directive_words, trusted=_trusted)
     try:
         text = env.get_template(name).render(**context)
     except jinja2.TemplateNotFound:

@@ -142,8 +142,8 @@ def discover(scheduler: str | None = None, site: str | None = None, host: str | 
 def _discover(runner: Runner, scheduler: str | None, site_cfg: Site | None, partition: str | None,
               count: int | None, notes: list[str]) -> Topology:
     if site_cfg is not None and not site_cfg.supported:
-        notes.append(f"site {site_cfg.name} uses scheduler {site_cfg.scheduler!r}, which rannc cannot submit to "
-                     "(it drives slurm, pbs, local)")
+        notes.append(f"site {site_cfg.name} uses scheduler {site_cfg.scheduler!r}, whose nodes rannc topology cannot "
+                     "query (it reads slurm and pbs): described from the site config")
     sched = scheduler
     if sched is None and site_cfg is not None:
         if not site_cfg.supported:   # e.g. Grid Engine: describe it from the config (--scheduler local inside a job)

@@ -81,6 +81,17 @@ def pbs_wrappers(slurm_cluster):
 
 
 @pytest.fixture(scope="session")
+def gridengine(tmp_path_factory):
+    """A real Grid Engine (sge_qmaster + sge_execd of Son of Grid Engine 8.1.9): queue all.q on this host,
+    PEs smp and mpi, a fake per-job GPU consumable gpu=4 (tests/testbed/gridengine.py)."""
+    from testbed.gridengine import GridEngine
+
+    cluster = _start("gridengine", lambda: GridEngine.start(tmp_path_factory.mktemp("gridengine")))
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
 def openpbs_server():
     """A real OpenPBS 23.06 (tests/testbed/openpbs.py) from the prebuilt tarball named by RANNC_TEST_OPENPBS;
     skipped with the reason where that is unset (failed under CI=true, which sets it)."""

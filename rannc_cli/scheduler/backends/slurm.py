@@ -58,6 +58,15 @@ def parse_squeue(stdout: str) -> tuple[str, str] | None:
     return None
 
 
+def _max_cpus_per_node(runner, partition: str) -> int | None:
+    """The partition's MaxCPUsPerNode (``scontrol show partition``), None when unlimited or unknown."""
+    import re
+
+    res = runner.run(["scontrol", "show", "partition", partition])
+    m = re.search(r"MaxCPUsPerNode=(\d+)", res.stdout) if res.rc == 0 else None
+    return int(m.group(1)) if m else None
+
+
 @register
 class SlurmBackend(Backend):
     name = "slurm"
@@ -67,7 +76,7 @@ class SlurmBackend(Backend):
     @classmethod
     def precheck(cls, spec, runner) -> list[str]:
         """Nodes of the partition (the default one when none is asked) and its time limit."""
-        from rannc_cli.scheduler.precheck import check_nodes, check_time, require_command
+        from rannc_cli.scheduler.precheck import check_cpus, check_nodes, check_time, require_command
         from rannc_cli.topology import slurm as slurm_facts
 
         require_command(spec, runner, cls.submit_command)
@@ -82,6 +91,7 @@ class SlurmBackend(Backend):
         part = next((p for p in facts.partitions if p["name"] == spec.queue or (not spec.queue and p.get("default"))), None)
         if part:
             check_time(spec, part.get("max_time"), f"partition {part['name']}")
+        check_cpus(spec, facts.nodes, where, _max_cpus_per_node(runner, part["name"]) if part else None)
         return notes
 
     @staticmethod
