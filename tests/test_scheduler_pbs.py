@@ -4,7 +4,6 @@ End to end on the real OpenPBS server: tests/test_submit_openpbs.py."""
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 

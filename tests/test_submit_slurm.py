@@ -83,7 +83,6 @@ def test_a_stopped_or_killed_rank_is_the_one_named(slurm_cluster, tmp_path, mlp_
     """srun starts the ranks (no `rannc run`). SIGSTOP: rank 0 watches rank 1's heartbeat in
     train/heartbeat, names it and exits 3; srun ends the job. SIGKILL: srun reports the task. Either
     way `rannc status` names rank 1, not rank 0 that lost contact with it."""
-    from pathlib import Path
 
     env = _env(slurm_cluster, tmp_path, RANNC_HANG_TIMEOUT_SECONDS="5", RANNC_RUNTIME_TIMEOUT="600")
     res = run_cli("submit", str(ROOT / "examples" / "mlp.py"), "--scheduler", "slurm", "--nodes", "2", "--gpus", "1",

@@ -58,6 +58,7 @@ class Backend(ABC):
 
     name = "abstract"
     submit_command = ""
+    status_command = ""   # what state() asks; its absence is reported with the scheduler's words
     templates: tuple[str, ...] = ("profile.sh", "train.sh", "rank.sh")
     queue_word = "queue"
     remote_ok = True      # can submit on a login node over SSH (--host)
@@ -129,6 +130,23 @@ class Backend(ABC):
         if self.t.exists(f"{phase_dir}/{CANCELLED_BY_USER}"):
             return PhaseState("CANCELLED", code, restarts=restarts)
         return PhaseState("FAILED", code, reason=f"exit code {code}", restarts=restarts)
+
+    def forgotten(self, job_id: str, phase_dir: str, said: str, ended: PhaseState | None = None) -> PhaseState:
+        """The state of a job its scheduler no longer reports: what the job script recorded, else
+        cancelled through rannc, else UNKNOWN (a missing status command is reported first).
+
+            return self.forgotten(job_id, phase_dir, "PBS no longer knows the job")
+        """
+        ended = ended if ended is not None else self.ended(phase_dir)
+        if ended is not None:
+            return ended
+        restarts = self.restarts(phase_dir)
+        if self.t.exists(f"{phase_dir}/{CANCELLED_BY_USER}"):
+            return PhaseState("CANCELLED", reason="cancelled by rannc cancel", restarts=restarts)
+        if self.status_command and not self.t.which(self.status_command):
+            self.run_checked([self.status_command, job_id], self.status_command)
+        return PhaseState("UNKNOWN", reason=f"{said} and it left no rannc-exitcode (see the batch log)",
+                          restarts=restarts)
 
     def restarts(self, phase_dir: str) -> int:
         text = self.t.read_text(f"{phase_dir}/{REQUEUED}")

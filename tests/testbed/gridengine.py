@@ -145,7 +145,7 @@ def _pe(name: str, rule: str) -> str:
 
 
 def _queue(host: str, slots: int, notify: int) -> str:
-    lines = [f"qname all.q", f"hostlist {host}", "seq_no 0", "load_thresholds NONE", "suspend_thresholds NONE",
+    lines = ["qname all.q", f"hostlist {host}", "seq_no 0", "load_thresholds NONE", "suspend_thresholds NONE",
              "nsuspend 1", "suspend_interval 00:05:00", "priority 0", "min_cpu_interval 00:05:00",
              "processors UNDEFINED", "qtype BATCH INTERACTIVE", "ckpt_list NONE", "pe_list smp mpi", "rerun FALSE",
              f"slots {slots}", "tmpdir /tmp", "shell /bin/bash", "prolog NONE", "epilog NONE",

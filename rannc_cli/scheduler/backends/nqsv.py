@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 
 from rannc_cli.errors import RanncError
-from rannc_cli.scheduler.backend import CANCELLED_BY_USER, Backend, PhaseState, register
+from rannc_cli.scheduler.backend import Backend, PhaseState, register
 
 # qstat STT column (NQSV user's guide, request states)
 NQSV_STATES = {
@@ -53,6 +53,7 @@ def parse_qstat(stdout: str) -> dict[str, str]:
 class NQSVBackend(Backend):
     name = "nqsv"
     submit_command = "qsub"
+    status_command = "qstat"
 
     @staticmethod
     def submit_argv(script: str, depends_on: str | None, phase_dir: str, script_text: str | None = None) -> list[str]:
@@ -69,15 +70,7 @@ class NQSVBackend(Backend):
             stt = next((v for k, v in parse_qstat(res.stdout).items() if k.split(".")[0] == job_id.split(".")[0]), None)
         restarts = self.restarts(phase_dir)
         if stt is None:
-            ended = self.ended(phase_dir)
-            if ended is not None:
-                return ended
-            if self.t.exists(f"{phase_dir}/{CANCELLED_BY_USER}"):
-                return PhaseState("CANCELLED", reason="cancelled by rannc cancel")
-            if not self.t.which("qstat"):
-                self.run_checked(["qstat", job_id], "qstat")
-            return PhaseState("UNKNOWN", reason="NQSV no longer lists the request and it left no rannc-exitcode "
-                                                "(see the batch log)")
+            return self.forgotten(job_id, phase_dir, "NQSV no longer lists the request")
         state = NQSV_STATES.get(stt, "UNKNOWN")
         return PhaseState(state, reason=None if stt in ("QUE", "RUN") else f"qstat {stt}", restarts=restarts)
 

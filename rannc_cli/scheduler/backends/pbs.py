@@ -20,7 +20,7 @@ import re
 import shlex
 from typing import Any
 
-from rannc_cli.scheduler.backend import CANCELLED_BY_USER, Backend, PhaseState, register
+from rannc_cli.scheduler.backend import Backend, PhaseState, register
 
 # job_state letters (PBS Pro reference guide, "Job States"; C is Torque's completed).
 PBS_STATES = {
@@ -117,6 +117,7 @@ def directive_options(script_text: str) -> list[str]:
 class PBSBackend(Backend):
     name = "pbs"
     submit_command = "qsub"
+    status_command = "qstat"
 
     @classmethod
     def precheck(cls, spec, runner) -> list[str]:
@@ -174,14 +175,7 @@ class PBSBackend(Backend):
         ended = self.ended(phase_dir)
         restarts = self.restarts(phase_dir)
         if attrs is None:
-            if ended is not None:
-                return ended
-            if self.t.exists(f"{phase_dir}/{CANCELLED_BY_USER}"):
-                return PhaseState("CANCELLED", reason="cancelled by rannc cancel")
-            if not self.t.which("qstat"):
-                self.run_checked(["qstat", job_id], "qstat")
-            return PhaseState("UNKNOWN", reason="PBS no longer knows the job and it left no rannc-exitcode "
-                                                "(see the batch log)")
+            return self.forgotten(job_id, phase_dir, "PBS no longer knows the job", ended)
         seen = job_state(attrs)
         seen.restarts = restarts
         if seen.state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "UNKNOWN") and ended is not None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 
 from rannc_cli.errors import RanncError
-from rannc_cli.scheduler.backend import CANCELLED_BY_USER, Backend, PhaseState, register
+from rannc_cli.scheduler.backend import Backend, PhaseState, register
 
 # pjstat ST column (TCS job operation software, end-user's guide, "job states")
 PJM_STATES = {
@@ -59,6 +59,7 @@ def step_base(job_id: str) -> str:
 class PJMBackend(Backend):
     name = "pjm"
     submit_command = "pjsub"
+    status_command = "pjstat"
     queue_word = "resource group"
 
     @staticmethod
@@ -86,14 +87,7 @@ class PJMBackend(Backend):
         ended = self.ended(phase_dir)
         restarts = self.restarts(phase_dir)
         if st is None or PJM_STATES.get(st) == "FINISHED":
-            if ended is not None:
-                return ended
-            if self.t.exists(f"{phase_dir}/{CANCELLED_BY_USER}"):
-                return PhaseState("CANCELLED", reason="cancelled by rannc cancel")
-            if st is None and not self.t.which("pjstat"):
-                self.run_checked(["pjstat", job_id], "pjstat")
-            return PhaseState("UNKNOWN", reason=f"PJM says {st or 'nothing'} and the job left no rannc-exitcode "
-                                                "(see the batch log)")
+            return self.forgotten(job_id, phase_dir, f"PJM says {st or 'nothing'}", ended)
         state = PJM_STATES.get(st, "UNKNOWN")
         if state in ("CANCELLED", "FAILED"):
             return PhaseState(state, ended.exit_code if ended else None, reason=f"pjstat {st}", restarts=restarts)

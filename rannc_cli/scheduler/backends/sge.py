@@ -170,6 +170,7 @@ def launcher_line(spec) -> str | None:
 class SGEBackend(Backend):
     name = "sge"
     submit_command = "qsub"
+    status_command = "qstat"
 
     def __init__(self, transport):
         super().__init__(transport)
@@ -286,12 +287,7 @@ class SGEBackend(Backend):
                 return PhaseState("FAILED", code, reason=" ".join(why.split()), restarts=restarts)
             return PhaseState("FAILED", code, reason="ended without recording its exit (see the batch log)",
                               restarts=restarts)
-        if ended is not None:
-            return ended
-        if self.t.exists(f"{phase_dir}/{CANCELLED_BY_USER}"):
-            return PhaseState("CANCELLED", reason="cancelled by rannc cancel", restarts=restarts)
-        return PhaseState("UNKNOWN", reason="Grid Engine no longer lists the job and qacct has no record yet "
-                                            "(see the batch log)", restarts=restarts)
+        return self.forgotten(job_id, phase_dir, "Grid Engine no longer lists the job, qacct has no record yet", ended)
 
     def _live(self, job_id: str, letters: str, restarts: int) -> PhaseState:
         if "E" in letters:

@@ -13,7 +13,7 @@ cancels the training job instead of leaving it pending forever.
 
 from __future__ import annotations
 
-from rannc_cli.scheduler.backend import CANCELLED_BY_USER, Backend, PhaseState, register
+from rannc_cli.scheduler.backend import Backend, PhaseState, register
 
 SLURM_STATES = {
     "PENDING": "PENDING", "CONFIGURING": "PENDING", "RESV_DEL_HOLD": "PENDING",
@@ -71,6 +71,7 @@ def _max_cpus_per_node(runner, partition: str) -> int | None:
 class SlurmBackend(Backend):
     name = "slurm"
     submit_command = "sbatch"
+    status_command = "squeue"
     queue_word = "partition"
 
     @classmethod
@@ -112,12 +113,7 @@ class SlurmBackend(Backend):
             self.run_checked(["squeue", "-h", "-j", job_id], "squeue")   # raises with Slurm's message
         ended = self.ended(phase_dir)
         if seen is None:
-            if ended is not None:
-                return ended
-            if self.t.exists(f"{phase_dir}/{CANCELLED_BY_USER}"):
-                return PhaseState("CANCELLED", reason="cancelled by rannc cancel")
-            return PhaseState("UNKNOWN", reason="Slurm no longer knows the job and it left no rannc-exitcode "
-                                                "(see the batch log)")
+            return self.forgotten(job_id, phase_dir, "Slurm no longer knows the job", ended)
         raw, reason = seen
         state = SLURM_STATES.get(raw, "UNKNOWN")
         restarts = self.restarts(phase_dir)
