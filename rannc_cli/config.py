@@ -191,7 +191,11 @@ ENVIRONMENT_ONLY: dict[str, str] = {
     "RANNC_MASTER_PORT": "job scripts: rendezvous port",
     "RANNC_REQUEUING": "job scripts: a requeue is under way",
     "RANNC_WARNED": "job scripts: the warning signal arrived",
+    "RANNC_GPUS_PER_NODE": "job scripts: GPUs per node, for a site's `submit: mpi:` line",
+    "RANNC_AFTER": "Grid Engine job scripts: the profiling job the training job waits for",
     "RANNC_UPDATE_GOLDEN": "tests: rewrite the golden job scripts",
+    "RANNC_TEST_OPENPBS": "tests: the prebuilt OpenPBS install tree for the real-server tests",
+    "RANNC_TESTBED_CACHE": "tests: where testbed packages are unpacked",
 }
 
 
