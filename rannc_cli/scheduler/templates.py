@@ -84,6 +84,7 @@ def template_dirs(backend: str, site_dir: str | None = None) -> list[Path]:
             base = Path(extra).expanduser()
             dirs += [base / backend, base]
     dirs.append(project_root() / "templates" / backend)
+    dirs.append(project_root() / "templates" / "_shared")   # partials several backends render alike
     return [d for d in dirs if d.is_dir()]
 
 
