@@ -17,6 +17,7 @@ Rules:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import operator
@@ -262,13 +263,13 @@ def _shape_text(val: Any, batch_symbol: Any) -> str:
         for s in val.shape:
             text = str(s)
             if batch_symbol is not None and isinstance(s, torch.SymInt):
-                text = str(s.node.expr.subs(batch_symbol, _B))
+                text = batch_text(s.node.expr, batch_symbol)
             dims.append(text)
         return f"{str(val.dtype)}[{','.join(dims)}]{'g' if val.requires_grad else ''}"
     if isinstance(val, (tuple, list)):
         return "(" + ",".join(_shape_text(v, batch_symbol) for v in val) + ")"
     if isinstance(val, torch.SymInt) and batch_symbol is not None:
-        return "sym:" + str(val.node.expr.subs(batch_symbol, _B))
+        return "sym:" + batch_text(val.node.expr, batch_symbol)
     return type(val).__name__
 
 
@@ -280,6 +281,13 @@ def _batch_placeholder():
 
 
 _B = _batch_placeholder()
+
+
+@functools.lru_cache(maxsize=8192)
+def batch_text(expr: Any, batch_symbol: Any) -> str:
+    """A size expression with the batch symbol written as ``B`` (memoised: sympy's ``subs`` is slow
+    and a deep model repeats the same few sizes thousands of times)."""
+    return str(expr.subs(batch_symbol, _B))
 
 
 def _classify(captured: CapturedModel, blocks: list[Block], requires_grad: set[str]) -> list[list[int]]:
@@ -309,7 +317,7 @@ def _classify(captured: CapturedModel, blocks: list[Block], requires_grad: set[s
             if isinstance(a, dict):
                 return tuple(sorted((k, canon(v)) for k, v in a.items()))
             if isinstance(a, torch.SymInt):
-                return ("sym", str(a.node.expr.subs(sym, _B)) if sym is not None else str(a))
+                return ("sym", batch_text(a.node.expr, sym) if sym is not None else str(a))
             if isinstance(a, torch.device):
                 return "device"  # the capture device: a CUDA profile and a CPU runtime capture must agree
             return repr(a)

@@ -281,14 +281,21 @@ def relax_views(program: ExportedProgram) -> int:
     is functional, so ``reshape`` (a view where the strides allow, a copy otherwise) computes
     the same values on any layout.
     """
+    count = relax_graph_views(program.graph)
+    if count:
+        program.graph_module.recompile()
+    return count
+
+
+def relax_graph_views(graph: fx.Graph) -> int:
+    """``relax_views`` on a bare graph (no recompile): graph/reuse.py relaxes the stitched graph
+    before the program is built from it, so the program's code is generated once."""
     count = 0
-    for node in program.graph.nodes:
+    for node in graph.nodes:
         if node.op == "call_function" and node.target in (torch.ops.aten.view.default,
                                                           torch.ops.aten._unsafe_view.default):
             node.target = torch.ops.aten.reshape.default
             count += 1
-    if count:
-        program.graph_module.recompile()
     return count
 
 

@@ -33,6 +33,7 @@ from torch import fx, nn
 from torch.export import ExportedProgram
 from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, OutputSpec, TensorArgument
 
+from rannc_cli.graph.capture import relax_graph_views
 from rannc_cli.graph.layer_markers import ENTER, EXIT, STUB, NotReusable, marked_run
 from rannc_cli.graph.repeats import Run, find_runs
 
@@ -286,6 +287,7 @@ def stitch(program: ExportedProgram, model: nn.Module, runs: list[Run]) -> Expor
     for spec in specs:
         if spec.arg.name in added:
             (state_dict if spec.persistent is not False else lifted_constants)[spec.target] = tensor_of[spec.arg.name]
+    relax_graph_views(new)  # capture's relax_views then has nothing left to do: the code is generated once
     return ExportedProgram(root=program.graph_module, graph=new,
                            graph_signature=ExportGraphSignature(input_specs=specs, output_specs=outputs),
                            state_dict=state_dict, range_constraints=program.range_constraints,

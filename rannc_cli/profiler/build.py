@@ -7,13 +7,17 @@
 Only one block per class (structurally identical blocks) is profiled. The inputs a block sees
 at microbatch size m come from running the captured graph once per measured size, op by op (no
 grad, values kept only for the blocks profiled), on the first m samples of the user's batch (its
-samples repeated when m is larger than the batch). Estimate mode makes shape-only fake inputs
-instead and runs no kernel.
+samples repeated when m is larger than the batch). That pass computes only the profiled blocks
+(the first of each class): every other block's outputs are its class's first block's outputs
+(same shapes, dtypes and wiring, since the signature says so), so it costs one block per class
+whatever the depth. Graphs with data-dependent sizes (MoE routing) run every op instead.
+Estimate mode makes shape-only fake inputs instead and runs no kernel.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import os
 import platform
 import time
@@ -24,7 +28,7 @@ from torch import nn
 
 from rannc_cli.config import settings
 from rannc_cli.errors import RanncError
-from rannc_cli.graph.blocks import BlockGraph, build_blocks, graph_hash
+from rannc_cli.graph.blocks import BlockGraph, build_blocks, floating_closure, graph_hash
 from rannc_cli.graph.capture import CapturedModel, capture
 from rannc_cli.graph.stages import StageModule, build_block_stages
 from rannc_cli.profiler import cache
@@ -53,10 +57,15 @@ def _concrete(size: Any, captured: CapturedModel, microbatch: int) -> int:
     if isinstance(size, int):
         return size
     expr = size.node.expr
-    subs = {}
-    for sym in expr.free_symbols:
-        subs[sym] = microbatch if sym == captured.batch_symbol else size.node.shape_env.var_to_val.get(sym, 1)
-    return int(expr.subs(subs))
+    subs = tuple(sorted(((sym, microbatch if sym == captured.batch_symbol else size.node.shape_env.var_to_val.get(sym, 1))
+                         for sym in expr.free_symbols), key=lambda item: str(item[0])))
+    return _evaluate(expr, subs)
+
+
+@functools.lru_cache(maxsize=8192)
+def _evaluate(expr: Any, subs: tuple) -> int:
+    """``expr`` with the symbols replaced (memoised: deep models repeat the same few sizes)."""
+    return int(expr.subs(dict(subs)))
 
 
 def concrete_shape(val: torch.Tensor, captured: CapturedModel, microbatch: int) -> list[int]:
@@ -82,18 +91,58 @@ def slice_inputs(captured: CapturedModel, values: dict[str, Any], microbatch: in
 def record_block_inputs(bg: BlockGraph, stages: dict[int, StageModule], values: dict[str, Any],
                         wanted: set[int]) -> dict[int, list[Any]]:
     """Run the captured graph once, op by op (values freed after their last use); return the
-    inputs of the ``wanted`` blocks' stage modules (detached leaves)."""
+    inputs of the ``wanted`` blocks' stage modules (detached leaves).
+
+    When ``wanted`` holds the first block of every class and no size is data-dependent, only
+    those blocks' ops (and the parameter-only ops they read) run; any other block's outputs are
+    taken from its class's first block (``stand_ins``). Otherwise (or should that pass fail)
+    every op runs."""
+    stand_in = stand_ins(bg, wanted)
+    if stand_in is not None:
+        try:
+            return _record(bg, stages, values, wanted, stand_in)
+        except Exception:  # noqa: BLE001 - the full pass below computes the same inputs or raises the real error
+            pass
+    return _record(bg, stages, values, wanted, None)
+
+
+class _NotYet(Exception):
+    """A stand-in's source has not been computed yet (a value moved ahead of its block)."""
+
+
+def _record(bg: BlockGraph, stages: dict[int, StageModule], values: dict[str, Any], wanted: set[int],
+            stand_in: dict[str, str] | None) -> dict[int, list[Any]]:
     from torch import fx
 
     captured = bg.captured
     needed = {name for b in wanted for name in stages[b].input_names}
     kept: dict[str, Any] = {}
+    skipped: set[str] = set()
+    sources: set[str] = set()
+    if stand_in is not None:
+        graph_nodes = captured.nodes_by_name
+        computed = [graph_nodes[n] for b in wanted for n in bg.blocks[b].owned]
+        run = {n.name for n in computed} | floating_closure(computed, bg.floating)
+        skipped = {n.name for n in captured.graph.nodes if n.op in ("call_function", "get_attr") and n.name not in run}
+        sources = set(stand_in.values())
+    source_values: dict[str, Any] = {}
 
     class Recorder(fx.Interpreter):
         def run_node(self, n: fx.Node) -> Any:
-            result = super().run_node(n)
+            if n.name in skipped:
+                if n.name not in stand_in:
+                    return None
+                if stand_in[n.name] not in source_values:
+                    raise _NotYet(n.name)
+                result = source_values[stand_in[n.name]]
+            elif n.op == "output" and skipped:
+                return None
+            else:
+                result = super().run_node(n)
             if n.name in needed:
                 kept[n.name] = result
+            if n.name in sources:
+                source_values[n.name] = result
             return result
 
     feed = [values[n.name] if n.name in values else captured.tensor_of(captured.param_names[n.name])
@@ -101,6 +150,40 @@ def record_block_inputs(bg: BlockGraph, stages: dict[int, StageModule], values: 
     with torch.no_grad():
         Recorder(captured.program.graph_module).run(*feed)
     return {b: [_leaf_like(kept[name], bg, name) for name in stages[b].input_names] for b in wanted}
+
+
+def stand_ins(bg: BlockGraph, computed: set[int]) -> dict[str, str] | None:
+    """Output of a block not computed -> the same output of its class's first block, when every
+    class's first block is computed and the graph makes no data-dependent size; else None."""
+    if any(members[0] not in computed for members in bg.classes) or _has_data_dependent_sizes(bg.captured):
+        return None
+    out: dict[str, str] = {}
+    for b in bg.blocks:
+        first = bg.blocks[bg.classes[b.cls][0]]
+        if b.id not in computed:
+            if len(b.outputs) != len(first.outputs):
+                return None
+            out.update(zip(b.outputs, first.outputs))
+    return out
+
+
+def _has_data_dependent_sizes(captured: CapturedModel) -> bool:
+    """True when some value's size is an unbacked symbol (``nonzero``, MoE token counts)."""
+    from torch.fx.experimental.symbolic_shapes import SymT, symbol_is_type
+
+    def sizes(val: Any) -> list[Any]:
+        if isinstance(val, torch.Tensor):
+            return [*val.shape, *val.stride()]
+        if isinstance(val, (tuple, list)):
+            return [s for v in val for s in sizes(v)]
+        return [val]
+
+    for n in captured.graph.nodes:
+        for size in sizes(n.meta.get("val")):
+            if isinstance(size, (torch.SymInt, torch.SymFloat, torch.SymBool)) and any(
+                    symbol_is_type(sym, (SymT.UNBACKED_INT, SymT.UNBACKED_FLOAT)) for sym in size.node.expr.free_symbols):
+                return True
+    return False
 
 
 def _leaf_like(x: Any, bg: BlockGraph, name: str) -> Any:
