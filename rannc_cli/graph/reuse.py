@@ -279,7 +279,8 @@ def stitch(program: ExportedProgram, model: nn.Module, runs: list[Run]) -> Expor
         elif n.target is operator.getitem and n.args[0] in stub_outputs:
             env[n] = stub_outputs[n.args[0]][n.args[1]]
         else:
-            env[n] = new.node_copy(n, env.__getitem__)
+            env[n] = append_copy(new, n, env.__getitem__)
+            env[n].meta = dict(n.meta)
     sig = program.graph_signature
     outputs = [OutputSpec(kind=s.kind, arg=TensorArgument(name=env[old_by_name[s.arg.name]].name), target=s.target)
                if isinstance(s.arg, TensorArgument) else s for s in sig.output_specs]
@@ -310,13 +311,47 @@ def _copy_template(new: fx.Graph, env: dict[fx.Node, fx.Node], placeholders: dic
     def lookup(a: fx.Node) -> fx.Node:
         return local[a] if a in local else env[a]
 
+    moved: dict[tuple, dict] = {}  # the moved module stack of each distinct template stack
     for t in region.body:
         if t in shared[run]:
             continue
-        copy = new.node_copy(t, lookup)
-        copy.meta = _moved_stack(t.meta, r.members[0], r.members[member])
+        copy = append_copy(new, t, lookup)
+        stack = t.meta.get("nn_module_stack")
+        if stack:
+            key = tuple(stack.items())
+            if key not in moved:
+                moved[key] = _moved_stack(t.meta, r.members[0], r.members[member])["nn_module_stack"]
+            copy.meta = {**t.meta, "nn_module_stack": dict(moved[key])}
+        else:
+            copy.meta = dict(t.meta)
         local[t] = copy
     return [lookup(region.exits[i].args[0]) for i in sorted(region.exits)]
+
+
+def _fast_append_works() -> bool:
+    graph = fx.Graph()
+    return all(hasattr(graph, a) for a in ("_graph_namespace", "_insert", "_find_nodes_lookup_table", "_len")) and \
+        graph.owning_module is None
+
+
+_FAST_APPEND = _fast_append_works()
+
+
+def append_copy(graph: fx.Graph, node: fx.Node, lookup: Any) -> fx.Node:
+    """``graph.node_copy(node, lookup)`` without re-validating the arguments (the node comes from an
+    exported graph, so they are valid): ``Graph.create_node`` walks every argument with pytree to
+    warn about raw symbolic values, which was half of stitching's cost. The same steps otherwise
+    (fresh name, insertion, find_nodes table); ``node_copy`` itself where fx's internals differ."""
+    if not _FAST_APPEND or graph.owning_module is not None:
+        return graph.node_copy(node, lookup)
+    args, kwargs = fx.node.map_arg(node.args, lookup), fx.node.map_arg(node.kwargs, lookup)
+    name = graph._graph_namespace.create_name(node.name, None)
+    copy = fx.Node(graph, name, node.op, node.target, args, kwargs, node.type)
+    graph._graph_namespace.associate_name_with_obj(name, copy)
+    graph._insert(copy)
+    graph._find_nodes_lookup_table.insert(copy)
+    graph._len += 1
+    return copy
 
 
 def try_export_reusing_layers(model: nn.Module, args: tuple, kwargs: dict,
