@@ -89,15 +89,16 @@ def slice_inputs(captured: CapturedModel, values: dict[str, Any], microbatch: in
 
 
 def record_block_inputs(bg: BlockGraph, stages: dict[int, StageModule], values: dict[str, Any],
-                        wanted: set[int]) -> dict[int, list[Any]]:
+                        wanted: set[int], stand_in: dict[str, str] | None | str = "find") -> dict[int, list[Any]]:
     """Run the captured graph once, op by op (values freed after their last use); return the
     inputs of the ``wanted`` blocks' stage modules (detached leaves).
 
     When ``wanted`` holds the first block of every class and no size is data-dependent, only
     those blocks' ops (and the parameter-only ops they read) run; any other block's outputs are
-    taken from its class's first block (``stand_ins``). Otherwise (or should that pass fail)
-    every op runs."""
-    stand_in = stand_ins(bg, wanted)
+    taken from its class's first block (``stand_ins``, found here unless given: a caller running
+    several sizes finds them once). Otherwise (or should that pass fail) every op runs."""
+    if isinstance(stand_in, str):
+        stand_in = stand_ins(bg, wanted)
     if stand_in is not None:
         try:
             return _record(bg, stages, values, wanted, stand_in)
@@ -338,12 +339,14 @@ def profile_model(model: nn.Module, args: tuple, kwargs: dict | None = None, *, 
 
             full = captured.flatten_inputs(tuple(args), kwargs)
             budget = float(settings.get("profile_budget_seconds"))
+            stand_in = stand_ins(bg, set(representatives))
             for m in sizes:
                 # Block inputs at each size come from running the model on m samples: values that
                 # index the whole microbatch (MoE routing permutations, per-expert token counts)
                 # are only right when computed at that size, never when tiled from another.
-                note(f"running the model op by op at microbatch {m}", 0)
-                recorded = record_block_inputs(bg, stages, slice_inputs(captured, full, m), set(representatives))
+                note(f"running {'one block per class' if stand_in is not None else 'the model'} op by op at microbatch {m}", 0)
+                recorded = record_block_inputs(bg, stages, slice_inputs(captured, full, m), set(representatives),
+                                               stand_in)
                 for b, cls in representatives.items():
                     note(f"measuring block {b} ({bg.blocks[b].name or '<root>'}) at microbatch {m}", 1)
                     costs[cls].append(measure_block(stages[b], recorded[b], m, warmup, repeats, budget))
