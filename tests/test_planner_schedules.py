@@ -112,3 +112,43 @@ def test_makespan_equals_the_event_simulation():
         b = [rng.random() * 3 for _ in range(s)]
         for sched in ("1f1b", "gpipe"):
             assert makespan(f, b, sched, m) == simulate_times(f, b, sched, m)[0]
+
+
+# ---------------------------------------------------------------- rank_ops: interleaved and zero-bubble
+from rannc_cli.planner.schedules import _stuck_groups, peak_in_flight_per_stage, rank_ops  # noqa: E402
+
+
+@pytest.mark.parametrize("groups", [1, 2, 3, 4, 6])
+@pytest.mark.parametrize("virtual", [1, 2, 3])
+@pytest.mark.parametrize("mbs", [1, 2, 3, 4, 5, 8, 9])
+def test_interleaved_runs_every_op_once_and_never_stalls(groups, virtual, mbs):
+    orders = rank_ops("interleaved", groups, mbs, virtual)
+    for g, ops in enumerate(orders):
+        expect = [(k, m, c * groups + g) for k in "FB" for m in range(mbs) for c in range(virtual)]
+        assert sorted(ops) == sorted(expect)
+        for m in range(mbs):
+            for c in range(virtual):
+                assert ops.index(("F", m, c * groups + g)) < ops.index(("B", m, c * groups + g))
+    assert _stuck_groups(orders, groups * virtual) == []
+
+
+def test_interleaved_follows_megatron_rounds():
+    # p = 2, M = 4, v = 2: group 0 holds stages 0 and 2; warm-up 2 (p - 1) + (v - 1) p = 4 forwards
+    assert rank_ops("interleaved", 2, 4, 2)[0][:6] == [
+        ("F", 0, 0), ("F", 1, 0), ("F", 0, 2), ("F", 1, 2), ("F", 2, 0), ("B", 0, 2)]
+    assert rank_ops("interleaved", 3, 6, 1) == rank_ops("1f1b", 3, 6)
+
+
+@pytest.mark.parametrize("stages,mbs", [(1, 3), (2, 2), (3, 4), (4, 8), (5, 3)])
+def test_zero_bubble_splits_every_backward_and_keeps_1f1b_peak(stages, mbs):
+    orders = rank_ops("zb", stages, mbs)
+    for s, ops in enumerate(orders):
+        assert [op for op in ops if op[0] != "W"] == [(k, m, s) for k, m in one_f_one_b(stages, mbs)[s]]
+        for m in range(mbs):
+            assert ops.index(("B", m, s)) < ops.index(("W", m, s))
+        assert peak_in_flight(ops) <= min(mbs, stages)
+    assert _stuck_groups(orders, stages) == []
+
+
+def test_peak_per_stage_of_an_interleaved_group():
+    assert peak_in_flight_per_stage(rank_ops("interleaved", 2, 4, 2)[0]) == {0: 4, 2: 2}
