@@ -68,6 +68,8 @@ def measure(model, args, kwargs, mode: str, reuse: bool, runs: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3, help="runs per configuration (medians reported)")
+    parser.add_argument("--old-runs", type=int, default=None,
+                        help="runs of the old path on the 4- and 48-layer models (default: --runs; 0: skip it)")
     parser.add_argument("--old-big-runs", type=int, default=1,
                         help="runs of the old path on the 96-layer model (0: skip it, only the new path)")
     parser.add_argument("--skip-big", action="store_true", help="skip the 96-layer hidden-1024 model")
@@ -84,7 +86,8 @@ def main() -> None:
         model, args, kwargs = model_and_batch(layers, hidden, batch)
         for mode in ("measured", "estimated"):
             for reuse in (False, True):
-                runs = opts.old_big_runs if (layers == 96 and not reuse) else opts.runs
+                old_runs = opts.runs if opts.old_runs is None else opts.old_runs
+                runs = opts.runs if reuse else opts.old_big_runs if layers == 96 else old_runs
                 if runs == 0:
                     continue
                 r = measure(model, args, kwargs, mode, reuse, runs)
@@ -96,6 +99,8 @@ def main() -> None:
     print(f"load average now {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     for mode in ("measured", "estimated"):
         for reuse in (False, True) if not opts.only_big else ():
+            if (4, 128, mode, reuse) not in table:
+                continue
             small, large = table[(4, 128, mode, reuse)], table[(48, 128, mode, reuse)]
             print(f"[ratio] {mode:9s} {'reused' if reuse else 'whole ':6s}: 48/4 layers capture+profile "
                   f"{large['total'] / small['total']:.2f} (target <= 1.3), capture alone "
@@ -108,6 +113,8 @@ def main() -> None:
                   f"(target < 10 s)" + (f"; same graph: {old['hash'] == new['hash']}" if old else ""))
     for layers in (4, 48) if not opts.only_big else ():
         for mode in ("measured", "estimated"):
+            if (layers, 128, mode, False) not in table:
+                continue
             same = table[(layers, 128, mode, False)]["hash"] == table[(layers, 128, mode, True)]["hash"]
             print(f"[graph] L{layers} {mode}: same graph hash both ways: {same}")
 
