@@ -2,6 +2,7 @@
 
     python benchmarks/capture_bench.py                  # 4 vs 48 layers (hidden 128), 96 layers hidden 1024
     python benchmarks/capture_bench.py --runs 3 --skip-big       # or --only-big
+    python benchmarks/capture_bench.py --runs 3 --old-runs 0 --skip-big   # the new path only
 
 Model: examples/transformer_lm.py (GPT-style pre-norm encoder stack, tied head, causal mask,
 padding mask as a keyword), vocabulary 512, sequence 32, heads hidden/64; batch 8 for hidden 128,
