@@ -61,13 +61,14 @@ class PlanReport:
 def candidate_plan(c: Candidate, cm: CostModel) -> Plan:
     g = cm.cluster.gpus_per_node
     stages = [StagePlan(a, e, r, devices(s, r, g), ck) for a, e, r, s, ck in c.stages]
-    return Plan(c.schedule, c.microbatches, cm.batch_size, stages)
+    return Plan(c.schedule, c.microbatches, cm.batch_size, stages, virtual_stages=c.virtual, zero=c.zero,
+                allreduce_overlap=c.overlap)
 
 
 def plan_candidate(plan: Plan, cm: CostModel, objective: float) -> Candidate:
     return Candidate(objective, plan.schedule, plan.microbatches,
                      tuple((s.start, s.end, s.replicas, s.devices[0][0] * cm.cluster.gpus_per_node + s.devices[0][1],
-                            s.checkpoint) for s in plan.stages))
+                            s.checkpoint) for s in plan.stages), plan.virtual_stages, plan.zero, plan.allreduce_overlap)
 
 
 def annotate(plan: Plan, sim: Simulation, cm: CostModel, profile: Profile) -> Plan:
