@@ -34,6 +34,7 @@ from rannc_cli.planner.redistribution import check_plan_runs
 from rannc_cli.planner.refine import Refiner
 from rannc_cli.planner.search import Candidate, SearchSpace, min_devices, search
 from rannc_cli.planner.simulate import Simulation, simulate
+from rannc_cli.planner.variants import schedule_variants
 from rannc_cli.profiler.format import Profile
 
 GIB = float(1 << 30)
@@ -103,14 +104,16 @@ def rank_key(plan: Plan, sim: Simulation, tie: float = TIE_WEIGHT) -> tuple[floa
 def make_plan(profile: Profile, cluster: ClusterSpec, batch_size: int | None = None, stages: int | None = None,
               replicas: list[int] | None = None, microbatches: int | None = None, schedule: str | None = None,
               use_exhaustive: bool = False, max_units: int | None = None, with_baselines: bool = True,
-              keep: int = 12, checkpoint: str | None = None, all_devices: bool = False) -> PlanReport:
+              keep: int = 12, checkpoint: str | None = None, all_devices: bool = False,
+              virtual_stages: int | None = None, zero: int | None = None) -> PlanReport:
     """Search the fastest plan of ``profile`` on ``cluster`` (see the module doc).
 
     Forced parts (``stages``, ``replicas``, ``microbatches``, ``schedule``, ``checkpoint`` 'on'/'off',
     ``all_devices``) become one ``Forced`` that every step respects; the returned plan honours all of
     them and passes the runtime's acceptance check (redistribution.py), or a RanncError says why not.
     """
-    forced = Forced(stages, tuple(replicas) if replicas else None, microbatches, schedule, checkpoint, all_devices)
+    forced = Forced(stages, tuple(replicas) if replicas else None, microbatches, schedule, checkpoint, all_devices,
+                    virtual_stages, zero)
     cm = CostModel(profile, cluster, batch_size)
     forced.conflicts(cm)
     try:
@@ -193,7 +196,7 @@ def _make_plan(profile: Profile, cm: CostModel, forced: Forced, use_exhaustive: 
     if refiner is not None:  # the simulator's last word on the boundaries of the best few structures
         polished: set[tuple] = set()
         for plan, sim in list(sims):
-            key = (plan.schedule, plan.microbatches, tuple((st.replicas, st.devices[0]) for st in plan.stages))
+            key = (plan.schedule, plan.microbatches, tuple((st.replicas, st.devices[0]) for st in plan.stages), plan.zero)
             if key in polished:
                 continue
             polished.add(key)
@@ -204,6 +207,9 @@ def _make_plan(profile: Profile, cm: CostModel, forced: Forced, use_exhaustive: 
                 sims.append((better, simulate(better, cm)))
             if len(polished) >= POLISH_STRUCTURES:
                 break
+        sims.sort(key=lambda ps: rank_key(*ps, forced.tie))
+        # interleaved and zb: the best structures re-ranked under those schedules (variants.py)
+        sims += schedule_variants(cm, refiner, sims, forced, space.microbatches)
         sims.sort(key=lambda ps: rank_key(*ps, forced.tie))
         calls += refiner.calls
     elapsed = time.perf_counter() - t0
@@ -222,7 +228,8 @@ def _make_plan(profile: Profile, cm: CostModel, forced: Forced, use_exhaustive: 
         if rank_key(b.plan, b.simulation, forced.tie) < rank_key(*sims[0], forced.tie):
             sims.insert(0, (Plan(b.plan.schedule, b.plan.microbatches, b.plan.batch_size,
                                  [StagePlan(s.start, s.end, s.replicas, list(s.devices), s.checkpoint)
-                                  for s in b.plan.stages]), b.simulation))
+                                  for s in b.plan.stages], virtual_stages=b.plan.virtual_stages, zero=b.plan.zero,
+                                 allreduce_overlap=b.plan.allreduce_overlap), b.simulation))
             chosen_from = f"baseline {name}"
     plan, sim = sims[0]
     annotate(plan, sim, cm, profile)

@@ -1,0 +1,92 @@
+"""The schedules the DP does not price: the best 1F1B structures turned into interleaved and zb plans.
+
+    extra = schedule_variants(cost_model, refiner, ranked, forced)   # [(Plan, Simulation)], each fits
+
+The DP (search.py) prices 1F1B and GPipe with closed forms. Interleaved 1F1B and ZB-H1 have none
+that keeps the DP exact, so, rather than multiplying the DP runs, the planner re-ranks its best
+structures (replica counts, placement, microbatch count, ZeRO setting) under them with the
+simulator (simulate.py), which ranks everything in the end anyway:
+
+- ``zb``: the same stages, with the backward split in B and W; the simulator's polish
+  (refine.Refiner.polish, boundary moves under the zb makespan) then re-places the boundaries.
+- ``interleaved`` with v = 2..4 chunks per group: the p groups of the structure each get v chunks
+  (S = p v stages, stage i on group i % p); the chunk boundaries come from the exact chain DP of
+  refine.py over the blocks (sum of chunk times + (M - 1) x the slowest chunk + the exposed
+  all-reduce, each chunk under 1/v of the GPU's memory so a group's chunks fit together), then the
+  polish. Tried at the structure's M and at the next microbatch count of the space that is a
+  multiple of p (the schedule's rounds of p microbatches then leave no short last round).
+
+Forced parts narrow the variants as everywhere (forced.py): a forced 1F1B or GPipe schedule
+tries none, a forced 'zb' only zb, a forced ``--virtual-stages v`` only that v; a variant that
+does not fit in memory (the simulator's group memory) is dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from rannc_cli.planner.costmodel import CostModel
+from rannc_cli.planner.plan import Plan
+from rannc_cli.planner.refine import Refiner, refine
+from rannc_cli.planner.search import INF, Candidate
+from rannc_cli.planner.simulate import Simulation, simulate
+
+VIRTUAL = (2, 3, 4)  # chunks per group tried for 'interleaved'
+STRUCTURES = 3  # distinct 1F1B structures turned into each schedule
+POLISH_SIMS = 60  # simulations per variant's polish (the variants' makespans are longer)
+
+
+def schedule_variants(cm: CostModel, refiner: Refiner, ranked: list[tuple[Plan, Simulation]], forced,
+                      microbatches: list[int]) -> list[tuple[Plan, Simulation]]:
+    """Interleaved and zb plans built from the ``STRUCTURES`` best 1F1B plans of ``ranked``."""
+    from rannc_cli.planner.planner import candidate_plan, plan_candidate
+
+    want = forced.schedule
+    if want in ("1f1b", "gpipe") or (forced.virtual == 1 and want != "interleaved"):
+        return []
+    out: list[tuple[Plan, Simulation]] = []
+    seen: set[tuple] = set()
+    units = len(refiner.bounds) - 1
+
+    def offer(c: Candidate | None) -> None:
+        if c is None:
+            return
+        got = refiner.polish(c, max_sims=POLISH_SIMS)
+        for cand in ([c] if got is None else [c, got[0]]):
+            plan = candidate_plan(cand, cm)
+            if plan.key() in seen:
+                continue
+            seen.add(plan.key())
+            sim = simulate(plan, cm)
+            if sim.fits:
+                out.append((plan, sim))
+
+    structures: set[tuple] = set()
+    for plan, _sim in ranked:
+        if plan.schedule != "1f1b" or plan.virtual_stages != 1:
+            continue
+        key = (plan.microbatches, tuple((st.replicas, st.devices[0]) for st in plan.stages), plan.zero)
+        if key in structures:
+            continue
+        structures.add(key)
+        base = plan_candidate(plan, cm, INF)
+        if want in (None, "zb"):
+            offer(replace(base, schedule="zb"))
+        if want in (None, "interleaved"):
+            p = len(base.stages)
+            vs = [forced.virtual] if forced.virtual is not None else list(VIRTUAL)
+            ms = [base.microbatches]
+            if forced.microbatches is None:
+                ms += [m for m in microbatches if m > base.microbatches and m % p == 0][:1]
+            for v in vs:
+                if p * v > units:
+                    continue
+                for m in ms:
+                    if max(st[2] for st in base.stages) > cm.microbatch(m):
+                        continue
+                    stages = tuple((0, 0, st[2], st[3], False) for _ in range(v) for st in base.stages)
+                    cand = Candidate(INF, "interleaved", m, stages, v, base.zero, base.overlap)
+                    offer(refine(cm, cand, refiner.bounds, chain=refiner.chain(cand)))
+        if len(structures) >= STRUCTURES:
+            break
+    return out
