@@ -188,3 +188,19 @@ def test_cli_refuses_a_bad_zero_in_one_line(tmp_path):
     bert_profile(layers=2, hidden=128, seq=32, vocab=500, batch_size=8).save(prof)
     res = run_cli("plan", "--profile", str(prof), "--nodes", "1", "--gpus", "2", "--zero", "3")
     assert res.returncode == 2 and res.stderr.startswith("error: --zero 3") and "Traceback" not in res.stderr, res.stderr
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 10**9))
+def test_bound_mode_is_below_every_simulated_plan(seed):
+    """plan_optimum.py's 'v2 DP bound': the pipeline term plus only the first stage's exposed all-reduce."""
+    rng = random.Random(seed)
+    prof = random_profile(rng, blocks=rng.randint(1, 5), batch_size=rng.choice([2, 4, 8]))
+    cm = CostModel(prof, ClusterSpec.from_flags(rng.choice([1, 2]), rng.choice([2, 4]), 1 << 40))
+    bounds = list(range(cm.n + 1))
+    space = SearchSpace.build(cm, schedules=["1f1b", "gpipe"], zero=[0, 1], overlap=True)
+    plans = search(cm, bounds, space, budget=None).candidates
+    space.bound, space.tie = True, 0.0  # no one-microbatch tie-break term in a bound
+    low = search(cm, bounds, space, budget=None).lower_bound
+    for cand in plans:
+        assert simulate(candidate_plan(cand, cm), cm).step_seconds >= low * (1 - 1e-9)

@@ -15,7 +15,14 @@ Per stage covering blocks ``start..end-1`` with ``r`` replicas, ``M`` microbatch
   the link is intra-node when this stage and the previous one sit on one node, else inter-node;
 - all-reduce of the stage's trainable parameter gradients over its r replicas (ring):
   ``2 (r-1)/r * bytes / bandwidth + 2 (r-1) * latency``, intra-node bandwidth when the replicas
-  share a node; it runs after the pipeline flush, all stages at once (no overlap with compute);
+  share a node; without overlap it runs after the pipeline flush, all stages at once; with
+  ``overlap`` (plan ``allreduce_overlap``) only its exposed part is charged
+  (``exposed_allreduce``: what is left after hiding behind the stage's last backward op, at least
+  the last bucket's share); ZeRO-1 (``zero``) moves the same bytes (reduce-scatter + all-gather),
+  of which only the reduce-scatter can hide, and divides the optimizer state by r;
+- 'zb' splits the backward into B (input gradients) and W (weight gradients): W is
+  ``weight_share`` (W_SHARE = 1/2) of the backward of blocks with trainable parameters, none of
+  parameter-free blocks (the profile does not measure the split);
 - memory per GPU: parameters and buffers + gradients + optimizer state (trainable bytes x
   ``optimizer_state_factor``) + in-flight microbatches x (saved activations + received inputs)
   + the largest block's working peak; with checkpointing only the received inputs stay per

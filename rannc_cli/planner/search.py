@@ -72,6 +72,7 @@ class SearchSpace:
     tie: float = TIE_WEIGHT  # bottleneck weight at one microbatch (costmodel.max_weight)
     zero: list[int] = field(default_factory=lambda: [0])  # ZeRO-1 settings the DP tries (a job dimension)
     overlap: bool = False  # all-reduce overlapped with the last backward (the exposed part is charged)
+    bound: bool = False  # lower-bound mode (benchmarks/plan_optimum.py): only the first stage's all-reduce counts
 
     @classmethod
     def from_forced(cls, cm: CostModel, forced) -> "SearchSpace":
@@ -221,6 +222,8 @@ class _Tables:
             else:
                 ar = np.zeros_like(T)
             ar = exposed_allreduce(ar, b, T, zero, space.overlap, bucket)  # costmodel: the part the step waits for
+            if space.bound:  # stage 0's last backward ends the pipeline, so its exposed part surely adds
+                ar = np.where(np.arange(U + 1)[:, None] == 0, ar, 0.0)
             self.AR[:, :, ri] = np.where(tri, ar, INF)
             for li in range(3):
                 if lk[li] is None:
