@@ -204,3 +204,11 @@ def test_bound_mode_is_below_every_simulated_plan(seed):
     low = search(cm, bounds, space, budget=None).lower_bound
     for cand in plans:
         assert simulate(candidate_plan(cand, cm), cm).step_seconds >= low * (1 - 1e-9)
+
+
+def test_virtual_stages_1_still_allows_zb_but_no_interleaving(bert8):
+    prof, spec = bert8
+    rep = make_plan(prof, spec, with_baselines=False, virtual_stages=1)
+    assert rep.plan.virtual_stages == 1
+    assert all(p.virtual_stages == 1 for p, _ in rep.alternatives)
+    assert any(p.schedule == "zb" for p, _ in [(rep.plan, None), *rep.alternatives])

@@ -42,8 +42,10 @@ def schedule_variants(cm: CostModel, refiner: Refiner, ranked: list[tuple[Plan, 
     from rannc_cli.planner.planner import candidate_plan, plan_candidate
 
     want = forced.schedule
-    if want in ("1f1b", "gpipe") or (forced.virtual == 1 and want != "interleaved"):
+    if want in ("1f1b", "gpipe"):
         return []
+    try_zb = want in (None, "zb") and forced.virtual in (None, 1)
+    try_interleaved = want == "interleaved" or (want is None and forced.virtual != 1)
     out: list[tuple[Plan, Simulation]] = []
     seen: set[tuple] = set()
     units = len(refiner.bounds) - 1
@@ -70,9 +72,9 @@ def schedule_variants(cm: CostModel, refiner: Refiner, ranked: list[tuple[Plan, 
             continue
         structures.add(key)
         base = plan_candidate(plan, cm, INF)
-        if want in (None, "zb"):
+        if try_zb:
             offer(replace(base, schedule="zb"))
-        if want in (None, "interleaved"):
+        if try_interleaved:
             p = len(base.stages)
             vs = [forced.virtual] if forced.virtual is not None else list(VIRTUAL)
             ms = [base.microbatches]
