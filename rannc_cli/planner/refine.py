@@ -26,7 +26,6 @@ import math
 import numpy as np
 
 from rannc_cli.planner.costmodel import TIE_WEIGHT, CostModel, bucket_bytes, exposed_allreduce, max_weight, rank_seconds, warmup
-from rannc_cli.planner.schedules import peak_in_flight_per_stage, rank_ops
 from rannc_cli.planner.placement import devices, link_in, replica_ok
 from rannc_cli.planner.simulate import allreduce_times, makespan
 from rannc_cli.planner.search import INF, Candidate, _branch_and_bound, _State, unit_ranges
@@ -196,11 +195,9 @@ def _held(schedule: str, stages: int, microbatches: int, virtual: int) -> list[i
         return [min(microbatches, stages - s) for s in range(stages)]
     if schedule == "gpipe":
         return [microbatches] * stages
-    out = [0] * stages
-    for ops in rank_ops(schedule, stages // virtual, microbatches, virtual):
-        for s, k in peak_in_flight_per_stage(ops).items():
-            out[s] = k
-    return out
+    from rannc_cli.planner.plan import held_counts
+
+    return held_counts(schedule, stages // virtual, microbatches, virtual)
 
 
 def structure(c: Candidate) -> tuple:
