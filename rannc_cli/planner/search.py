@@ -73,6 +73,7 @@ class SearchSpace:
     zero: list[int] = field(default_factory=lambda: [0])  # ZeRO-1 settings the DP tries (a job dimension)
     overlap: bool = False  # all-reduce overlapped with the last backward (the exposed part is charged)
     bound: bool = False  # lower-bound mode (benchmarks/plan_optimum.py): only the first stage's all-reduce counts
+    zero_if_needed: bool = False  # ZeRO-1 jobs only where the ZeRO-0 job's least-sum plan checkpoints or none fits
 
     @classmethod
     def from_forced(cls, cm: CostModel, forced) -> "SearchSpace":
@@ -86,6 +87,7 @@ class SearchSpace:
                           all_devices=forced.all_devices, zero=[forced.zero] if forced.zero is not None else [0, 1],
                           overlap=True)
         space.tie = forced.tie
+        space.zero_if_needed = forced.zero is None
         return space
 
     @classmethod
@@ -428,10 +430,15 @@ def search(cm: CostModel, bounds: list[int], space: SearchSpace, keep: int = 64,
     ranges = unit_ranges(cm, bounds)
     state = _State()
     jobs = []
+    needed: dict[tuple[str, int], bool] = {}  # (schedule, M): the ZeRO-0 job checkpoints or finds nothing
     for schedule, m, zero, t in _jobs(cm, bounds, space, ranges):
+            if zero and space.zero_if_needed and not needed.get((schedule, m), True):
+                continue
             coords, weights = t.coords()
             res = t.dp(t.UT)
             state.calls += 1
+            if not zero:
+                needed[(schedule, m)] = res is None or any(t.CK[a, e, ri, li, j - 1] for a, e, ri, li, j, _ in res[1])
             if res is None:
                 continue
             ok = np.isfinite(t.UT)
@@ -459,7 +466,10 @@ def search(cm: CostModel, bounds: list[int], space: SearchSpace, keep: int = 64,
 def _jobs(cm: CostModel, bounds: list[int], space: SearchSpace, ranges: dict):
     """(schedule, M, zero, tables) for every job worth a DP. ZeRO-1 moves the same bytes as the all-reduce and
     hides less of it, so it can only win where it lets an option fit (or fit unchecked) that does
-    not without it; a ZeRO-1 job whose tables are no wider than ZeRO-0's is skipped."""
+    not without it; a ZeRO-1 job whose tables are no wider than ZeRO-0's is skipped (exact). With
+    ``space.zero_if_needed`` (the planner's default, not exact) search() also skips a ZeRO-1 job
+    where the ZeRO-0 job's least-sum plan at that M needs no checkpointing; variants.py still
+    tries ZeRO-1 on the best structures."""
     for schedule in space.schedules:
         for m in space.microbatches:
             base = None

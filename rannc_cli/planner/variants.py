@@ -19,8 +19,11 @@ The best variant of each (schedule, v), the ``POLISHED`` fastest of them, then g
 simulator's polish (refine.Refiner.polish: single boundary moves kept while the makespan under
 that schedule improves, at most ``POLISH_SIMS`` simulations).
 
-Forced parts narrow the variants as everywhere (forced.py): a forced 1F1B or GPipe schedule
-tries none, a forced 'zb' only zb, a forced ``--virtual-stages v`` only that v; a variant that
+The same 1F1B structure with the other ZeRO setting (boundaries re-placed) joins them: the DP
+searches ZeRO-1 only where ZeRO-0 needs checkpointing (search.py, ``zero_if_needed``).
+
+Forced parts narrow the variants as everywhere (forced.py): a forced GPipe schedule tries none, a
+forced 1F1B only the ZeRO flip, a forced 'zb' only zb, a forced ``--virtual-stages v`` only that v; a variant that
 does not fit in memory (the simulator's group memory) is dropped.
 """
 
@@ -46,10 +49,11 @@ def schedule_variants(cm: CostModel, refiner: Refiner, ranked: list[tuple[Plan, 
     from rannc_cli.planner.planner import candidate_plan, plan_candidate
 
     want = forced.schedule
-    if want in ("1f1b", "gpipe"):
-        return []
     try_zb = want in (None, "zb") and forced.virtual in (None, 1)
     try_interleaved = want == "interleaved" or (want is None and forced.virtual != 1)
+    try_flip = want in (None, "1f1b") and forced.virtual in (None, 1) and forced.zero is None
+    if not (try_zb or try_interleaved or try_flip):
+        return []
     out: list[tuple[Plan, Simulation]] = []
     seen: set[tuple] = set()
     units = len(refiner.bounds) - 1
@@ -76,6 +80,8 @@ def schedule_variants(cm: CostModel, refiner: Refiner, ranked: list[tuple[Plan, 
         first = plan_candidate(plan, cm, INF)
         zeros = [first.zero] if forced.zero is not None else [first.zero, 1 - first.zero]
         for base in [replace(first, zero=z) for z in zeros]:
+            if try_flip and base.zero != first.zero:  # the same 1F1B structure with the other ZeRO setting
+                offer(refine(cm, base, refiner.bounds, chain=refiner.chain(base)))
             if try_zb:
                 offer(replace(base, schedule="zb"))
             if try_interleaved:
