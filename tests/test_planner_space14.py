@@ -212,3 +212,19 @@ def test_virtual_stages_1_still_allows_zb_but_no_interleaving(bert8):
     assert rep.plan.virtual_stages == 1
     assert all(p.virtual_stages == 1 for p, _ in rep.alternatives)
     assert any(p.schedule == "zb" for p, _ in [(rep.plan, None), *rep.alternatives])
+
+
+@pytest.mark.parametrize("schedule,v", [("interleaved", 2), ("zb", 1)])
+def test_timeline_draws_one_row_per_gpu_group(tmp_path, schedule, v):
+    import struct
+
+    from rannc_cli.planner.timeline import draw_timeline
+
+    prof, spec, cm = _small()
+    devs = [[(0, 0), (0, 1)], [(0, 2), (0, 3)]]
+    plan = Plan(schedule, 4, 16, _stages(len(prof.blocks), 2 * v, devs), virtual_stages=v)
+    sim = simulate(plan, cm)
+    assert ("W" in {e.kind for e in sim.events}) == (schedule == "zb")
+    path = draw_timeline(plan, sim, tmp_path / "t.png")
+    width, height = struct.unpack(">II", path.read_bytes()[16:24])  # PNG IHDR
+    assert height == round(120 * (1.0 + 0.45 * 2))  # two rows: the groups, not the 2 v stages

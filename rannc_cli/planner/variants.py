@@ -78,7 +78,8 @@ def schedule_variants(cm: CostModel, refiner: Refiner, ranked: list[tuple[Plan, 
             continue
         structures.add(key)
         first = plan_candidate(plan, cm, INF)
-        zeros = [first.zero] if forced.zero is not None else [first.zero, 1 - first.zero]
+        shardable = any(st[2] > 1 for st in first.stages)  # ZeRO-1 over one replica changes nothing
+        zeros = [first.zero] if forced.zero is not None or not shardable else [first.zero, 1 - first.zero]
         for base in [replace(first, zero=z) for z in zeros]:
             if try_flip and base.zero != first.zero:  # the same 1F1B structure with the other ZeRO setting
                 offer(refine(cm, base, refiner.bounds, chain=refiner.chain(base)))
