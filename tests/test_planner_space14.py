@@ -119,7 +119,7 @@ def test_overlap_charges_only_the_exposed_part():
     assert exposed_allreduce(10.0, 40.0, 100.0, 1, False, 10.0) == 10.0
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(0, 10**9))
 def test_dp_finds_the_exhaustive_optimum_with_zero_and_overlap(seed):
     rng = random.Random(seed)
@@ -190,7 +190,7 @@ def test_cli_refuses_a_bad_zero_in_one_line(tmp_path):
     assert res.returncode == 2 and res.stderr.startswith("error: --zero 3") and "Traceback" not in res.stderr, res.stderr
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(0, 10**9))
 def test_bound_mode_is_below_every_simulated_plan(seed):
     """plan_optimum.py's 'v2 DP bound': the pipeline term plus only the first stage's exposed all-reduce."""
