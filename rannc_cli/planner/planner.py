@@ -273,7 +273,7 @@ def infeasible(cm: CostModel, bounds: list[int], space: SearchSpace, forced: boo
         big = ClusterSpec(4096, cl.gpus_per_node, cl.memory_per_gpu, cl.links, cl.gpu_model, cl.source)
         big_cm = CostModel(cm.profile, big, cm.batch_size, cm.margin, cm.opt_factor)
         big_space = SearchSpace.build(big_cm, schedules=space.schedules, microbatches=space.microbatches,
-                                      stages=space.stages, replicas=space.forced_replicas)
+                                      stages=space.stages, replicas=space.forced_replicas, zero=space.zero)
         need = min_devices(big_cm, bounds, big_space)
         if need is None:
             parts.append("no cluster of these GPUs fits this batch with these forced settings")
@@ -299,7 +299,7 @@ def smallest_nodes(cm: CostModel, bounds: list[int], space: SearchSpace, start: 
             return None
         sub = CostModel(cm.profile, cl.with_nodes(nodes), cm.batch_size, cm.margin, cm.opt_factor)
         sp = SearchSpace.build(sub, schedules=space.schedules, microbatches=space.microbatches, stages=space.stages,
-                               replicas=space.forced_replicas)
+                               replicas=space.forced_replicas, zero=space.zero)
         if feasible(sub, bounds, sp):
             return nodes
     return None
