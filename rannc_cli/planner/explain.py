@@ -59,8 +59,10 @@ def choice_lines(report) -> list[str]:
         if name == chosen:
             continue
         alt = best(lambda p, n=name: _schedule_name(p) == n)
+        flags = getattr(report, "forced_flags", "")
         why = (f"not chosen: its best plan ({describe(alt[0])}) predicts {ms(alt[1])}" if alt is not None else
-               "not priced (forced otherwise, too few blocks for p v chunks, or no such plan fits)")
+               f"not priced ({'ruled out by ' + flags + ', or ' if flags else ''}too few blocks for p v chunks, "
+               "or no such plan fits)")
         lines.append(f"  schedule {name}: {why}")
     lines.insert(0, f"  schedule {chosen}: chosen ({1e3 * step:.4g} ms)")
     alt = best(lambda p: p.zero != plan.zero)

@@ -57,6 +57,7 @@ class PlanReport:
     search_step_seconds: float = 0.0  # simulated step of the search's own best plan
     optimality_gap: float = 0.0  # > 0 when the DP-run budget stopped the search: objective within this fraction
     baseline_notes: dict[str, str] = field(default_factory=dict)  # why a baseline is None: not applicable / no fit
+    forced_flags: str = ""  # the forced parts, as flags (for --explain)
 
 
 def candidate_plan(c: Candidate, cm: CostModel) -> Plan:
@@ -241,6 +242,7 @@ def _make_plan(profile: Profile, cm: CostModel, forced: Forced, use_exhaustive: 
     report = PlanReport(plan, sim, cm, base, sims[1:], elapsed, len(bounds) - 1, calls, count, chosen_from, searched,
                         gap)
     report.baseline_notes = notes
+    report.forced_flags = forced.flags()
     return report
 
 
