@@ -40,7 +40,6 @@ import numpy as np
 
 from rannc_cli.errors import RanncError
 from rannc_cli.planner.costmodel import SCHEDULES, TIE_WEIGHT, CostModel, bucket_bytes, exposed_allreduce, max_weight, warmup
-from rannc_cli.planner.schedules import SCHEDULE_NAMES
 from rannc_cli.planner.placement import replica_ok
 
 INF = math.inf
