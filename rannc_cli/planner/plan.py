@@ -20,6 +20,7 @@ from rannc_cli.errors import RanncError
 from rannc_cli.planner.cluster import ClusterSpec
 from rannc_cli.planner.costmodel import SCHEDULES, CostModel, StageCost, in_flight, objective
 from rannc_cli.planner.placement import allreduce_link, link_in
+from rannc_cli.planner.schedules import SCHEDULE_NAMES
 
 
 @dataclass
@@ -48,6 +49,9 @@ class Plan:
     cluster: dict[str, Any] = field(default_factory=dict)
     predicted: dict[str, Any] = field(default_factory=dict)
     created: str = ""
+    virtual_stages: int = 1  # v: with 'interleaved', stage i runs on the devices of stage i % (len(stages) // v)
+    zero: int = 0  # 1: ZeRO-1, optimizer state sharded over each stage's replicas
+    allreduce_overlap: bool = False  # gradients all-reduced in buckets during the last backward
 
     @property
     def devices_used(self) -> int:
@@ -62,18 +66,28 @@ class Plan:
         def bad(what: str) -> RanncError:
             return RanncError(f"{source}: {what}", hint="re-run `rannc plan` to get a valid plan")
 
-        if self.schedule not in SCHEDULES:
-            raise bad(f"schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if self.schedule not in SCHEDULES and self.schedule not in SCHEDULE_NAMES:
+            raise bad(f"schedule {self.schedule!r} is not one of {', '.join(SCHEDULE_NAMES)}")
         if self.microbatches < 1 or self.batch_size < 1:
             raise bad("microbatches and batch_size must be at least 1")
         if not self.stages:
             raise bad("has no stages")
+        v = self.virtual_stages
+        if v < 1 or len(self.stages) % v or (v > 1 and self.schedule != "interleaved"):
+            raise bad(f"{len(self.stages)} stages with virtual_stages {v} and schedule {self.schedule}; "
+                      "virtual_stages > 1 needs schedule interleaved and a multiple of it as stage count")
+        groups = len(self.stages) // v
         expect = 0
         seen: set[tuple[int, int]] = set()
         for i, st in enumerate(self.stages):
             if st.start != expect or st.end <= st.start:
                 raise bad(f"stage {i} covers blocks {st.start}..{st.end - 1}; expected a non-empty range starting at {expect}")
             expect = st.end
+            if i >= groups:  # interleaved: a later chunk of group i % groups runs on exactly that group's devices
+                if st.replicas != self.stages[i % groups].replicas or \
+                        [tuple(map(int, d)) for d in st.devices] != [tuple(map(int, d)) for d in self.stages[i % groups].devices]:
+                    raise bad(f"stage {i} must run on the devices of stage {i % groups} (virtual_stages {v})")
+                continue
             if st.replicas < 1 or len(st.devices) != st.replicas:
                 raise bad(f"stage {i} has {st.replicas} replicas but {len(st.devices)} devices")
             for dev in st.devices:
