@@ -90,6 +90,7 @@ class Executor:
         self.my_stages = [s for s, _ in self.roles]  # the stages this rank runs, in model order
         self.replica = dict(self.roles)  # stage -> this rank's replica index in it
         self.role = self.roles[0] if self.roles else None
+        self._train_ops: list[tuple[str, int, int]] | None = None
         self.user_inputs = {i.placeholder: i for i in captured.inputs}
         self.producer: dict[str, int] = {}
         self.consumers: dict[str, list[int]] = {}
@@ -146,8 +147,10 @@ class Executor:
             return []
         if not train:
             return [("F", m, s) for m in range(self.microbatches) for s in self.my_stages]
-        group = self.my_stages[0] % self.layout.groups
-        return rank_ops(self.schedule, self.layout.groups, self.microbatches, self.layout.virtual)[group]
+        if self._train_ops is None:
+            group = self.my_stages[0] % self.layout.groups
+            self._train_ops = rank_ops(self.schedule, self.layout.groups, self.microbatches, self.layout.virtual)[group]
+        return self._train_ops
 
     def run(self, values: dict[str, Any], batch_size: int, train: bool, seed_scale: float = 1.0,
             step: int = 0) -> torch.Tensor:
