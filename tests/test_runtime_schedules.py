@@ -43,12 +43,14 @@ CASES = [
     {"id": "zb_mlp_111_m4_ckpt_1f1b", "model": "example_mlp", "options": S([1, 1, 1], 4, "1f1b", checkpoint=True)},
 ]
 CHECKED = [c for c in CASES if not c["id"].endswith("_1f1b")]
+# last in the launch: the sabotage stays patched for the rest of the worker process
+SABOTAGED = {"id": "neg_zb_skip_some_w", "model": "example_mlp", "options": S([1, 1], 3, "zb"), "sabotage": "skip_some_w"}
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("schedules")
-    proc = launch(tmp, CASES, 4)
+    proc = launch(tmp, [*CASES, SABOTAGED], 4)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return tmp / "out"
 
@@ -74,3 +76,9 @@ def test_zero_bubble_equals_1f1b(case, results):
     bad, worst = compare(plain, zb, rtol=0.0, atol=1e-7, keys=keys)
     assert not bad, f"{case['id']}: zb differs from 1f1b: {bad[:3]}"
     print(f"{case['id']}: max abs difference from 1f1b {worst:.3g}")
+
+
+def test_a_weight_pass_left_out_fails_the_comparison(results):
+    """The comparison is sharp for zb: W ops that add nothing to .grad are caught."""
+    bad, _ = compare(train_reference(SABOTAGED), load_result(results / f"{SABOTAGED['id']}.pt"), keys=("losses", "state"))
+    assert bad, "a zb run without every third W still matched the reference"

@@ -55,7 +55,8 @@ class Plan:
 
     @property
     def devices_used(self) -> int:
-        return sum(s.replicas for s in self.stages)
+        """Distinct GPUs (an interleaved plan's stages i and i + p share theirs)."""
+        return len({(int(n), int(g)) for s in self.stages for n, g in s.devices})
 
     def key(self) -> tuple:
         return (self.schedule, self.microbatches,
