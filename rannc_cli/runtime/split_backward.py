@@ -16,7 +16,8 @@ parameter's gradient enters that closure at a few nodes (its intermediates); hoo
 gradients those nodes receive during 'B', and 'W' restarts the backward from them
 (``GradientEdge``) towards the parameters only, so the input path is not computed twice. Where
 intermediates of one group feed each other, each is clamped to the gradient recorded in 'B', so
-nothing counts twice. A parameter that some output reaches without crossing the input closure
+nothing counts twice. Each group gets its own backward call: one call for all groups would also
+run the flows from one group's intermediates into the others' (measured 1.6x slower W). A parameter that some output reaches without crossing the input closure
 (a stage whose inputs want no gradient, or a branch that only reads user inputs) gets its gradient
 in 'W' from a backward from the outputs restricted to such parameters.
 """
