@@ -17,9 +17,10 @@ gradients those nodes receive during 'B', and 'W' restarts the backward from the
 (``GradientEdge``) towards the parameters only, so the input path is not computed twice. Where
 intermediates of one group feed each other, each is clamped to the gradient recorded in 'B', so
 nothing counts twice. Each group gets its own backward call: one call for all groups would also
-run the flows from one group's intermediates into the others' (measured 1.6x slower W). A parameter that some output reaches without crossing the input closure
-(a stage whose inputs want no gradient, or a branch that only reads user inputs) gets its gradient
-in 'W' from a backward from the outputs restricted to such parameters.
+run the flows from one group's intermediates into the others' (measured 1.6x slower W). A
+parameter that some output reaches without crossing the input closure (a stage whose inputs want
+no gradient, or a branch that only reads user inputs) gets its gradient in 'W' from a backward from
+the outputs restricted to such parameters.
 """
 
 from __future__ import annotations
