@@ -253,18 +253,18 @@ class Engine:
                              hint="run the first forward in the mode you use most, or use a plan per mode")
         assignment = [i for i, st in enumerate(self.plan.stages) for _ in range(st.start, st.end)]
         stages = build_stages(bg, assignment)
-        role = self.layout.role(self.rank)
-        if role is not None and self.modes:
+        mine = [s for s, _ in self.layout.roles(self.rank)]  # one stage, or v with an interleaved plan
+        for s in mine if self.modes else []:
             known = {id(p) for p in self.local}
-            extra = [n for n, p in stages[role[0]].graph_module.named_parameters() if id(p) not in known]
+            extra = [n for n, p in stages[s].graph_module.named_parameters() if id(p) not in known]
             if extra:
-                raise RanncError(f"stage {role[0]} needs parameters in {'train' if training else 'eval'} mode that "
+                raise RanncError(f"stage {s} needs parameters in {'train' if training else 'eval'} mode that "
                                  f"it does not hold in the other mode ({extra[0]})", hint="please report this model")
         if training:
             self._batch_norm_note(stages)
-        if role is not None:
-            stages[role[0]].place(self.device)
-            self._batch_norm(stages[role[0]], training)
+        for s in mine:
+            stages[s].place(self.device)
+            self._batch_norm(stages[s], training)
         ex = Executor(bg, stages, self.layout, self.rank, self.device, self.plan.schedule, self.plan.microbatches,
                       [st.checkpoint for st in self.plan.stages], self.loss_reduction, self.rng_base)
         self.modes[training] = Mode(bg, stages, ex)

@@ -63,8 +63,12 @@ class Constraints:
 
 def even_plan(n_blocks: int, replicas: list[int], microbatches: int, batch_size: int, schedule: str = "1f1b",
               checkpoint: bool | list[bool] = False, bounds: list[int] | None = None, gpus_per_node: int = 1 << 20,
-              first_rank: int = 0) -> Plan:
-    """Stages of (nearly) equal block counts, or cut at ``bounds``; replicas on consecutive ranks."""
+              first_rank: int = 0, virtual: int = 1) -> Plan:
+    """Stages of (nearly) equal block counts, or cut at ``bounds``; replicas on consecutive ranks.
+    With ``virtual`` v > 1 (schedule 'interleaved') ``replicas`` names the p device groups and the
+    plan has p v stages, stage i on group i % p's devices."""
+    groups = len(replicas)
+    replicas = [replicas[i % groups] for i in range(groups * virtual)]
     n_stages = len(replicas)
     if bounds is None:
         if n_stages > n_blocks:
@@ -74,10 +78,14 @@ def even_plan(n_blocks: int, replicas: list[int], microbatches: int, batch_size:
     flags = checkpoint if isinstance(checkpoint, list) else [bool(checkpoint)] * n_stages
     stages, rank = [], first_rank
     for i in range(n_stages):
-        devs = [divmod(r, gpus_per_node) for r in range(rank, rank + replicas[i])]
-        rank += replicas[i]
+        if i >= groups:
+            devs = list(stages[i % groups].devices)
+        else:
+            devs = [divmod(r, gpus_per_node) for r in range(rank, rank + replicas[i])]
+            rank += replicas[i]
         stages.append(StagePlan(cuts[i], cuts[i + 1], replicas[i], devs, bool(flags[i])))
-    plan = Plan(schedule=schedule, microbatches=microbatches, batch_size=batch_size, stages=stages)
+    plan = Plan(schedule=schedule, microbatches=microbatches, batch_size=batch_size, stages=stages,
+                virtual_stages=virtual)
     plan.validate(n_blocks, None, "even plan")
     return plan
 
@@ -99,7 +107,7 @@ def _plan_from_spec(spec: Any, n_blocks: int, batch_size: int, world_size: int, 
         replicas = list(spec.get("replicas") or [world_size])
         plan = even_plan(n_blocks, replicas, int(spec.get("microbatches", 1)), batch_size,
                          str(spec.get("schedule", "1f1b")), spec.get("checkpoint", False), spec.get("bounds"),
-                         gpus_per_node)
+                         gpus_per_node, virtual=int(spec.get("virtual_stages", 1)))
     else:
         raise RanncError(f"plan= takes a plan file path, a Plan or a dict, not {type(spec).__name__}")
     if plan.stages[-1].end != n_blocks:
