@@ -48,6 +48,9 @@ class Plan:
     cluster: dict[str, Any] = field(default_factory=dict)
     predicted: dict[str, Any] = field(default_factory=dict)
     created: str = ""
+    virtual_stages: int = 1  # interleaved 1F1B: chunks per device group (stages = groups x virtual_stages)
+    zero: int = 0  # 1: ZeRO-1, each stage's optimizer state and step sharded over its replicas
+    allreduce_overlap: bool = False  # gradients all-reduced in buckets during the stage's last backward
 
     @property
     def devices_used(self) -> int:

@@ -46,6 +46,9 @@ def plan_to_dict(plan: Plan, block_names: list[str] | None = None) -> dict[str, 
         "batch_size": plan.batch_size,
         "microbatches": plan.microbatches,
         "schedule": plan.schedule,
+        "virtual_stages": int(plan.virtual_stages),
+        "zero": int(plan.zero),
+        "allreduce_overlap": bool(plan.allreduce_overlap),
         "stages": stages,
         "predicted": {k: v for k, v in plan.predicted.items() if k != "stages"},
     }
@@ -78,7 +81,8 @@ def plan_from_dict(data: Any, source: str = "<plan>") -> Plan:
                     cluster_fingerprint=str(data["cluster_fingerprint"]), model=str(data.get("model", "")),
                     graph_hash=str(data.get("graph_hash", "") or ""),
                     cluster=dict(data.get("cluster") or {}), predicted=dict(data.get("predicted") or {}),
-                    created=str(data.get("created", "")))
+                    created=str(data.get("created", "")), virtual_stages=int(data.get("virtual_stages", 1)),
+                    zero=int(data.get("zero", 0)), allreduce_overlap=bool(data.get("allreduce_overlap", False)))
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise RanncError(f"{source} is a malformed rannc plan ({type(exc).__name__}: {exc})",
                          hint="compare it with docs/plan-format.md or re-run `rannc plan`") from None
