@@ -6,7 +6,8 @@
     assert not compare(ref, got)                     # [] when every number matches
 
 A case trains ``steps`` steps (default 5) on its zoo model with dropout switched off, on a batch
-that changes a little each step; SGD with momentum unless ``optimizer`` says adam, adamw or adafactor. Keys:
+that changes a little each step; SGD with momentum unless ``optimizer`` says adam, adamw, rmsprop,
+adagrad or adafactor. Keys:
 options (RaNNCModule options), local_batches, autocast ('bf16'), scaler (GradScaler init scale),
 deferred (build under deferred_init, then load the reference's initial weights), reload (load
 the initial weights after training and report the no-grad loss), start (first step index, for
@@ -75,6 +76,10 @@ def make_optimizer(case: dict, params: Any, model: nn.Module | None = None) -> t
         return torch.optim.Adam(params, lr=1e-2)
     if case.get("optimizer") == "adamw":
         return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    if case.get("optimizer") == "rmsprop":
+        return torch.optim.RMSprop(params, lr=1e-3, momentum=0.9, weight_decay=0.01)
+    if case.get("optimizer") == "adagrad":
+        return torch.optim.Adagrad(params, lr=1e-2)
     if case.get("optimizer") == "adafactor":  # not element-wise: zero=1 refuses it
         return torch.optim.Adafactor(params, lr=1e-2)
     return torch.optim.SGD(params, lr=0.05, momentum=0.9)

@@ -132,6 +132,10 @@ class ZeroSharding:
                 shard = torch.zeros(hi - lo, dtype=params[0].dtype, device=params[0].device)
                 units.append(Unit(gi, ranks, engine.groups[ranks], params, offsets, total, chunk, lo, hi, shard))
         self._units = units
+        existing = {id(p): self.opt.state.pop(p) for u in units for p in u.params if p in self.opt.state}
+        if existing:  # state loaded into the optimizer before wrapping: keep this rank's slices of it
+            for u in units:
+                u.state = self._shard_state(u, existing)
         return units
 
     def _swapped(self) -> list[list[torch.Tensor]]:
