@@ -57,7 +57,9 @@ from rannc_cli.errors import RanncError
 from rannc_cli.planner.cluster import ClusterSpec
 from rannc_cli.profiler.format import Profile
 
-SCHEDULES = ("1f1b", "gpipe")
+SCHEDULES = ("1f1b", "gpipe")  # what the DP searches; 'interleaved' and 'zb' are priced by simulation (planner.py)
+W_SHARE = 0.5  # zb: share of a block's backward that is weight gradients, for blocks with trainable parameters
+BUCKET_MB = 25.0  # all-reduce bucket size when the setting allreduce_bucket_mb is not known
 _FLOAT_DTYPES = ("float", "bfloat", "half", "double", "complex")
 
 
@@ -74,6 +76,10 @@ class StageCost:
     shard: int  # samples per replica per microbatch
     checkpoint: bool
     feasible: bool  # memory fits
+    weight: float = 0.0  # 'zb': the weight-gradient (W) seconds included in ``backward``; else 0
+    allreduce_total: float = 0.0  # full all-reduce seconds (``allreduce`` is the part charged to the step)
+    grad_seconds: float = 0.0  # compute of the op whose end makes the gradients final (backward, or W with 'zb')
+    work_peak: float = 0.0  # the largest block's working peak, included in ``memory``
 
     @property
     def total(self) -> float:
@@ -119,6 +125,33 @@ def objective(schedule: str, microbatches: int, costs: list[StageCost], tie: flo
     n = len(costs)
     return total + max(bottleneck_1f1b(c.forward + c.backward, c.forward, microbatches, n - i, tie)
                        for i, c in enumerate(costs)) + ar
+
+
+def bucket_bytes() -> float:
+    """All-reduce bucket bytes: the setting ``allreduce_bucket_mb`` where known, else 25 MiB."""
+    from rannc_cli.config import settings
+
+    try:
+        return float(settings.get("allreduce_bucket_mb")) * (1 << 20)
+    except RanncError:
+        return BUCKET_MB * (1 << 20)
+
+
+def exposed_allreduce(total, grad_seconds, nbytes, zero: int, overlap: bool, bucket: float):
+    """Seconds of a stage's gradient all-reduce (``total``) the step waits for (numpy arrays or floats).
+
+    Without overlap all of it (it runs after the drain). With overlap the buckets (reverse
+    parameter order, ``bucket`` bytes each) start as the stage's last backward op (``grad_seconds``
+    of compute, the W op with 'zb') makes them final, so the hideable part runs under that op and
+    what sticks out is ``max(hideable - grad_seconds, last bucket's share)``: the last bucket holds
+    the first parameters, final only at the op's end. With ZeRO-1 the reduce-scatter (half of
+    ``total``) is hideable; the all-gather of the updated parameters follows the optimizer step."""
+    if not overlap:
+        return total
+    hide = np.multiply(total, 0.5) if zero else total
+    share = np.minimum(1.0, bucket / np.maximum(nbytes, 1.0))
+    out = np.subtract(total, hide) + np.maximum(np.subtract(hide, grad_seconds), np.multiply(hide, share))
+    return float(out) if np.ndim(out) == 0 else out
 
 
 def warmup(microbatches: int, stages_left: int) -> int:
@@ -223,41 +256,62 @@ class CostModel:
         lk = self.cluster.links["allreduce_intra" if link == "intra" else "allreduce_inter"]
         return 2.0 * (replicas - 1) / replicas * nbytes / lk.bandwidth + 2.0 * (replicas - 1) * lk.latency
 
-    def static_memory(self, info: RangeInfo) -> float:
-        return float(info.param_bytes) + float(info.trainable_bytes) * (1.0 + self.opt_factor)
+    def static_memory(self, info: RangeInfo, replicas: int = 1, zero: int = 0) -> float:
+        """Parameters + gradients + optimizer state (ZeRO-1: the state is split over the replicas)."""
+        opt = self.opt_factor / replicas if zero else self.opt_factor
+        return float(info.param_bytes) + float(info.trainable_bytes) * (1.0 + opt)
+
+    def weight_share(self) -> np.ndarray:
+        """Per block: the share of its backward that computes weight gradients ('zb''s W op):
+        ``W_SHARE`` for blocks with trainable parameters (the parameter GEMMs' half of the backward),
+        0 for parameter-free ones (the profile does not measure the split)."""
+        if not hasattr(self, "_wshare"):
+            prof = self.profile
+            self._wshare = np.array([W_SHARE if any(prof.parameters[p].trainable and prof.parameters[p].kind == "parameter"
+                                                    for p in b.params) else 0.0 for b in prof.blocks], dtype=float)
+        return self._wshare
 
     def stage_cost(self, start: int, end: int, replicas: int, microbatches: int, link_in: str | None,
-                   allreduce: str, in_flight: int, checkpoint: bool) -> StageCost:
-        """Cost of blocks ``start..end-1`` as one stage (see the module doc for every term)."""
+                   allreduce: str, in_flight: int, checkpoint: bool, zero: int = 0, overlap: bool = False,
+                   split_weight: bool = False) -> StageCost:
+        """Cost of blocks ``start..end-1`` as one stage (see the module doc for every term);
+        ``split_weight``: the 'zb' split of the backward in B and W (``weight_share``)."""
         m = self.shard(microbatches, replicas)
         fwd, bwd, rec, act, peak = self.block_arrays(m)
         info = self.range_info(start, end)
         f = float(fwd[start:end].sum())
         b = float((rec if checkpoint else bwd)[start:end].sum())
+        plain_b = float(bwd[start:end].sum())
+        w = float((bwd[start:end] * self.weight_share()[start:end]).sum()) if split_weight else 0.0
         a = float(act[start:end].sum())
         pk = float(peak[start:end].max()) if end > start else 0.0
         in_b = float(info.in_fixed + info.in_per_sample * m)
         grad_b = float(info.grad_fixed + info.grad_per_sample * m)
         cf, cb = self.comm(in_b, link_in), self.comm(grad_b, link_in)
         ar = self.allreduce(float(info.trainable_bytes), replicas, allreduce)
-        static = self.static_memory(info)
+        grad = w if split_weight else plain_b
+        charged = exposed_allreduce(ar, grad, float(info.trainable_bytes), zero, overlap, bucket_bytes())
+        static = self.static_memory(info, replicas, zero)
         if checkpoint:
             mem = static + in_flight * in_b + a + pk
         else:
             mem = static + in_flight * (a + in_b) + pk
-        return StageCost(f + cf, b + cb, ar, mem, f, b, cf, cb, m, checkpoint, bool(mem <= self.capacity))
+        return StageCost(f + cf, b + cb, charged, mem, f, b, cf, cb, m, checkpoint, bool(mem <= self.capacity),
+                         w, ar, grad, pk)
 
     def best_stage_cost(self, start: int, end: int, replicas: int, microbatches: int, link_in: str | None,
-                        allreduce: str, in_flight: int, checkpoint: str | None = None) -> StageCost:
+                        allreduce: str, in_flight: int, checkpoint: str | None = None, zero: int = 0,
+                        overlap: bool = False) -> StageCost:
         """Without checkpointing when it fits, else with it (the search's choice); may be infeasible.
         ``checkpoint`` 'on' or 'off' forces the choice."""
+        extra = {"zero": zero, "overlap": overlap}
         if checkpoint is not None:
             return self.stage_cost(start, end, replicas, microbatches, link_in, allreduce, in_flight,
-                                   checkpoint == "on")
-        plain = self.stage_cost(start, end, replicas, microbatches, link_in, allreduce, in_flight, False)
+                                   checkpoint == "on", **extra)
+        plain = self.stage_cost(start, end, replicas, microbatches, link_in, allreduce, in_flight, False, **extra)
         if plain.feasible:
             return plain
-        ck = self.stage_cost(start, end, replicas, microbatches, link_in, allreduce, in_flight, True)
+        ck = self.stage_cost(start, end, replicas, microbatches, link_in, allreduce, in_flight, True, **extra)
         return ck if ck.feasible else plain
 
     def cut_blocked(self) -> list[bool]:

@@ -9,6 +9,11 @@
 Stage ``s`` runs blocks ``start..end-1`` (contiguous in the profile's topological order, so data
 dependencies only go forward) on ``replicas`` GPUs; each replica takes an equal share of each
 microbatch.
+
+Plan format v2 (docs/plan-format.md) adds ``virtual_stages`` (v chunks per GPU group with the
+``interleaved`` schedule: S = p v stages, stage i on exactly stage i % p's devices), ``zero`` (1:
+ZeRO-1, optimizer state sharded over each stage's replicas) and ``allreduce_overlap`` (gradient
+buckets all-reduced during the stage's last backward); their defaults are what a v1 file means.
 """
 
 from __future__ import annotations
@@ -18,8 +23,9 @@ from typing import Any
 
 from rannc_cli.errors import RanncError
 from rannc_cli.planner.cluster import ClusterSpec
-from rannc_cli.planner.costmodel import SCHEDULES, CostModel, StageCost, in_flight, objective
+from rannc_cli.planner.costmodel import CostModel, StageCost, objective
 from rannc_cli.planner.placement import allreduce_link, link_in
+from rannc_cli.planner.schedules import SCHEDULE_NAMES, peak_in_flight_per_stage, rank_ops
 
 
 @dataclass
@@ -48,32 +54,56 @@ class Plan:
     cluster: dict[str, Any] = field(default_factory=dict)
     predicted: dict[str, Any] = field(default_factory=dict)
     created: str = ""
-    virtual_stages: int = 1  # interleaved 1F1B: chunks per device group (stages = groups x virtual_stages)
-    zero: int = 0  # 1: ZeRO-1, each stage's optimizer state and step sharded over its replicas
-    allreduce_overlap: bool = False  # gradients all-reduced in buckets during the stage's last backward
+    virtual_stages: int = 1  # v chunks per GPU group ('interleaved' only); len(stages) = p * v
+    zero: int = 0  # 1: ZeRO-1, optimizer state and step sharded over each stage's replicas
+    allreduce_overlap: bool = False  # gradient buckets all-reduced during the stage's last backward
+
+    @property
+    def groups(self) -> int:
+        """p: the number of GPU groups (stage i runs on group i % p)."""
+        return len(self.stages) // max(1, self.virtual_stages)
 
     @property
     def devices_used(self) -> int:
-        return sum(s.replicas for s in self.stages)
+        return sum(s.replicas for s in self.stages[:self.groups])
 
     def key(self) -> tuple:
         return (self.schedule, self.microbatches,
-                tuple((s.start, s.end, s.replicas, tuple(s.devices), s.checkpoint) for s in self.stages))
+                tuple((s.start, s.end, s.replicas, tuple(s.devices), s.checkpoint) for s in self.stages),
+                self.virtual_stages, self.zero, bool(self.allreduce_overlap))
 
     def validate(self, n_blocks: int, cluster: ClusterSpec | None = None, source: str = "plan") -> None:
-        """Every block in exactly one stage, in order; replicas match devices; no GPU used twice."""
+        """Every block in exactly one stage, in order; replicas match devices; no GPU used twice
+        (with ``virtual_stages`` v > 1: stage i on exactly stage i % p's devices, and nowhere else)."""
         def bad(what: str) -> RanncError:
             return RanncError(f"{source}: {what}", hint="re-run `rannc plan` to get a valid plan")
 
-        if self.schedule not in SCHEDULES:
-            raise bad(f"schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if self.schedule not in SCHEDULE_NAMES:
+            raise bad(f"schedule {self.schedule!r} is not one of {', '.join(SCHEDULE_NAMES)}")
         if self.microbatches < 1 or self.batch_size < 1:
             raise bad("microbatches and batch_size must be at least 1")
         if not self.stages:
             raise bad("has no stages")
+        v = self.virtual_stages
+        if v < 1 or (v > 1 and self.schedule != "interleaved"):
+            raise bad(f"virtual_stages {v} needs schedule interleaved (and must be at least 1)")
+        if len(self.stages) % v:
+            raise bad(f"{len(self.stages)} stages cannot form {v} chunks per GPU group (not a multiple of {v})")
+        if self.zero not in (0, 1):
+            raise bad(f"zero {self.zero!r} must be 0 or 1")
+        p = self.groups
         expect = 0
         seen: set[tuple[int, int]] = set()
         for i, st in enumerate(self.stages):
+            if i >= p:  # a later chunk of group i % p: the very same devices, checked once there
+                home = self.stages[i % p]
+                if st.start != expect or st.end <= st.start:
+                    raise bad(f"stage {i} covers blocks {st.start}..{st.end - 1}; expected a non-empty range starting at {expect}")
+                expect = st.end
+                if st.replicas != home.replicas or [tuple(d) for d in st.devices] != [tuple(d) for d in home.devices]:
+                    raise bad(f"stage {i} must run on exactly stage {i % p}'s devices (interleaved, {v} chunks per "
+                              f"group), not {[list(d) for d in st.devices]}")
+                continue
             if st.start != expect or st.end <= st.start:
                 raise bad(f"stage {i} covers blocks {st.start}..{st.end - 1}; expected a non-empty range starting at {expect}")
             expect = st.end
@@ -93,15 +123,29 @@ class Plan:
             raise bad(f"stages cover blocks 0..{expect - 1} but the profile has {n_blocks} blocks")
 
 
+def held_per_stage(plan: Plan) -> list[int]:
+    """Most microbatches each stage holds at once under the plan's schedule (from ``rank_ops``;
+    with 'zb' a microbatch is held until its W op)."""
+    p = plan.groups
+    out = [0] * len(plan.stages)
+    for ops in rank_ops(plan.schedule, p, plan.microbatches, plan.virtual_stages):
+        for s, k in peak_in_flight_per_stage(ops).items():
+            out[s] = k
+    return out
+
+
 def stage_costs(plan: Plan, cm: CostModel) -> list[StageCost]:
-    """Cost of every stage of ``plan`` with its own checkpoint flags; links follow the devices."""
+    """Cost of every stage of ``plan`` with its own checkpoint flags; links follow the devices (a
+    hand-over between chunks on the same GPUs is local: no link)."""
     out = []
     prev = None
-    n = len(plan.stages)
+    held = held_per_stage(plan)
     for i, st in enumerate(plan.stages):
-        out.append(cm.stage_cost(st.start, st.end, st.replicas, plan.microbatches, link_in(prev, st.devices),
-                                 allreduce_link(st.devices), in_flight(plan.schedule, plan.microbatches, n, i),
-                                 st.checkpoint))
+        same = prev is not None and [tuple(d) for d in prev] == [tuple(d) for d in st.devices]
+        out.append(cm.stage_cost(st.start, st.end, st.replicas, plan.microbatches,
+                                 None if same else link_in(prev, st.devices), allreduce_link(st.devices), held[i],
+                                 st.checkpoint, zero=plan.zero, overlap=plan.allreduce_overlap,
+                                 split_weight=plan.schedule == "zb"))
         prev = st.devices
     return out
 

@@ -19,7 +19,8 @@ from rannc_cli.planner.cluster import ClusterSpec
 from rannc_cli.planner.plan import Plan, StagePlan
 
 FORMAT_NAME = "rannc-plan"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)  # version 1 has no virtual_stages / zero / allreduce_overlap: their defaults
 
 
 def plan_to_dict(plan: Plan, block_names: list[str] | None = None) -> dict[str, Any]:
@@ -65,9 +66,9 @@ def plan_from_dict(data: Any, source: str = "<plan>") -> Plan:
     hint = "pass a file written by `rannc plan --out`"
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
         raise RanncError(f"{source} is not a rannc plan (no 'format: {FORMAT_NAME}')", hint=hint)
-    if data.get("version") != FORMAT_VERSION:
-        raise RanncError(f"{source} has plan format version {data.get('version')}, this rannc reads version {FORMAT_VERSION}",
-                         hint="re-run `rannc plan` with this rannc")
+    if data.get("version") not in READ_VERSIONS:
+        raise RanncError(f"{source} has plan format version {data.get('version')}, this rannc reads versions "
+                         f"{', '.join(map(str, READ_VERSIONS))}", hint="re-run `rannc plan` with this rannc")
     try:
         stages = []
         for i, st in enumerate(data["stages"]):
@@ -82,13 +83,19 @@ def plan_from_dict(data: Any, source: str = "<plan>") -> Plan:
                     graph_hash=str(data.get("graph_hash", "") or ""),
                     cluster=dict(data.get("cluster") or {}), predicted=dict(data.get("predicted") or {}),
                     created=str(data.get("created", "")), virtual_stages=int(data.get("virtual_stages", 1)),
-                    zero=int(data.get("zero", 0)), allreduce_overlap=bool(data.get("allreduce_overlap", False)))
+                    zero=int(data.get("zero", 0)), allreduce_overlap=_flag(data.get("allreduce_overlap", False)))
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise RanncError(f"{source} is a malformed rannc plan ({type(exc).__name__}: {exc})",
                          hint="compare it with docs/plan-format.md or re-run `rannc plan`") from None
     n_blocks = stages[-1].end if stages else 0
     plan.validate(n_blocks, None, source)
     return plan
+
+
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"allreduce_overlap must be true or false, not {value!r}")
+    return value
 
 
 def load_plan(path: Path | str) -> Plan:

@@ -86,7 +86,8 @@ def annotate(plan: Plan, sim: Simulation, cm: CostModel, profile: Profile) -> Pl
         "memory_margin": cm.margin,
         "optimizer_state_factor": cm.opt_factor,
         "stages": [{"memory_bytes": int(m), "forward_seconds": c.forward, "backward_seconds": c.backward,
-                    "allreduce_seconds": c.allreduce, "shard": c.shard} for m, c in zip(sim.memory, sim.costs)],
+                    "allreduce_seconds": c.allreduce, "allreduce_total_seconds": c.allreduce_total, "shard": c.shard}
+                   for m, c in zip(sim.memory, sim.costs)],
     }
     return plan
 
