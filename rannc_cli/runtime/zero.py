@@ -40,7 +40,7 @@ def check_optimizer(opt: torch.optim.Optimizer) -> None:
         names = ", ".join(c.__name__ for c in ELEMENTWISE)
         raise RanncError(f"zero=1 shards the optimizer state element by element, which {type(opt).__name__} does not "
                          f"allow (only {names} are sharded)",
-                         hint="use one of those optimizers, or a plan with zero: 0 (rannc plan --zero 0)")
+                         hint="use one of those optimizers, or run a plan with zero: 0")
 
 
 @dataclass
