@@ -176,6 +176,7 @@ REGISTRY: dict[str, Setting] = {
         Setting("runtime_memory", "", "Runtime planning: memory per process to plan for, like 4GiB (empty: the GPU's, or host memory / processes).", parse=_memory_size),
         Setting("checkpoint_dir", "", "Runtime: on SIGUSR1 checkpoint here and exit 0; resume from here at the next start (job scripts set RANNC_CHECKPOINT_DIR).", str),
         Setting("loss_reduction", "mean", "Runtime: how the model's loss reduces over the batch, mean or sum (microbatch losses are combined to match).", str, choices=("mean", "sum")),
+        Setting("allreduce_bucket_mb", 25.0, "Runtime: MiB per gradient all-reduce bucket when the plan overlaps the all-reduce with the backward (allreduce_overlap).", float, above=0),
         Setting("batchnorm", "local", "Runtime: BatchNorm statistics per microbatch slice (local) or shared across a stage's replicas (sync, as SyncBatchNorm).", str, choices=("local", "sync")),
     ]
 }

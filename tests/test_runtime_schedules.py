@@ -17,9 +17,9 @@ from runtime_cases import compare, load_result, train_reference
 from test_runtime_equivalence import launch
 
 
-def S(replicas, microbatches, schedule, virtual=1, checkpoint=False):
+def S(replicas, microbatches, schedule, virtual=1, checkpoint=False, zero=0, overlap=False):
     return {"plan": {"replicas": replicas, "microbatches": microbatches, "schedule": schedule,
-                     "virtual_stages": virtual, "checkpoint": checkpoint}}
+                     "virtual_stages": virtual, "checkpoint": checkpoint, "zero": zero, "allreduce_overlap": overlap}}
 
 
 CASES = [
@@ -41,6 +41,12 @@ CASES = [
     # ZB-H1 with activation checkpointing (recomputed once, at B), 3 stages, 4 microbatches
     {"id": "zb_mlp_111_m4_ckpt", "model": "example_mlp", "options": S([1, 1, 1], 4, "zb", checkpoint=True)},
     {"id": "zb_mlp_111_m4_ckpt_1f1b", "model": "example_mlp", "options": S([1, 1, 1], 4, "1f1b", checkpoint=True)},
+    # every issue-14 feature at once: chunks, ZeRO-1 and the overlapped all-reduce (a tie across
+    # chunks and groups reduces over the union of its holders while the last backwards run)
+    {"id": "il_tied_22_v2_zero_overlap", "model": "tied_weights",
+     "options": S([2, 2], 2, "interleaved", 2, zero=1, overlap=True), "optimizer": "adam"},
+    {"id": "zb_tied_21_m3_zero_overlap", "model": "tied_weights", "options": S([2, 1], 3, "zb", zero=1, overlap=True),
+     "optimizer": "adam"},
 ]
 CHECKED = [c for c in CASES if not c["id"].endswith("_1f1b")]
 # last in the launch: the sabotage stays patched for the rest of the worker process

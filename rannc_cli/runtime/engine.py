@@ -153,7 +153,8 @@ class Engine:
         self.holders: dict[int, tuple[int, ...]] = {}  # id(tensor) -> ranks holding it
         self.local: list[nn.Parameter] = []
         self.freed: dict[int, tuple[nn.Parameter, torch.Size]] = {}
-        self.reducer: GradReducer | None = None
+        self.reducer: GradReducer | Any = None  # OverlapReducer with plan.allreduce_overlap
+        self.zero: Any = None  # ZeroSharding (runtime/zero.py) with plan.zero == 1
         self.groups: dict[tuple[int, ...], Any] = {}
         self.placeholder: nn.Parameter | None = None
         self.resume_from: str | None = None
@@ -367,10 +368,21 @@ class Engine:
         for p in self.local:
             if p.requires_grad:
                 by_ranks.setdefault(self.holders[id(p)], []).append(p)
-        self.reducer = GradReducer(by_ranks, groups, self.rank)
+        if self.plan.allreduce_overlap:
+            from rannc_cli.config import settings
+            from rannc_cli.runtime.allreduce import OverlapReducer
+
+            bucket = int(float(settings.get("allreduce_bucket_mb")) * (1 << 20))
+            self.reducer = OverlapReducer(by_ranks, groups, self.rank, list(self.model.parameters()), bucket)
+        else:
+            self.reducer = GradReducer(by_ranks, groups, self.rank)
         if self.optimizer is not None:
             from rannc_cli.runtime.checkpoint import trim_optimizer
 
+            if self.plan.zero:
+                from rannc_cli.runtime.zero import ZeroSharding
+
+                self.zero = ZeroSharding(self, self.optimizer)  # before trimming: its state dicts build on ZeRO's
             trim_optimizer(self, self.optimizer)
             if not self.local:
                 # A rank without a stage steps an empty placeholder, so that GradScaler.step (which
@@ -412,7 +424,7 @@ class Engine:
         def step(_opt: Any, *a: Any, **kw: Any) -> Any:
             if engine.in_replay:
                 return None
-            out = base(*a, **kw)
+            out = engine.zero.step(base, a, kw) if engine.zero is not None else base(*a, **kw)
             if engine.stop_agreed:
                 engine.checkpoint_and_exit()
             return out
@@ -487,6 +499,8 @@ class Engine:
                   and values[i.placeholder].requires_grad]  # the same on every rank: the same batch
         mode.executor.input_grads = {name: torch.zeros_like(values[name], device=self.device) for name in wanted}
         try:
+            if train:  # this rank's stage modules: an OverlapReducer counts their gradient accumulations
+                self.reducer.arm([mode.stages[s] for s in mode.executor.my_stages], self.plan.microbatches)
             local = mode.executor.run(values, batch_size, train, seed, self.step)
             if train:
                 self.reducer.start()

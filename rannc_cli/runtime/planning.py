@@ -108,6 +108,8 @@ def _plan_from_spec(spec: Any, n_blocks: int, batch_size: int, world_size: int, 
         plan = even_plan(n_blocks, replicas, int(spec.get("microbatches", 1)), batch_size,
                          str(spec.get("schedule", "1f1b")), spec.get("checkpoint", False), spec.get("bounds"),
                          gpus_per_node, virtual=int(spec.get("virtual_stages", 1)))
+        plan.zero = int(spec.get("zero", 0))
+        plan.allreduce_overlap = bool(spec.get("allreduce_overlap", False))
     else:
         raise RanncError(f"plan= takes a plan file path, a Plan or a dict, not {type(spec).__name__}")
     if plan.stages[-1].end != n_blocks:
