@@ -212,7 +212,8 @@ def simulate(plan: Plan, cm: CostModel) -> Simulation:
     searched = objective(plan.schedule, plan.microbatches, costs)
     full = allreduce_times(cm, [(st.start, st.end, st.replicas, st.devices) for st in plan.stages])
     bucket = bucket_bytes()
-    costs = [replace(c, allreduce_total=a, allreduce=exposed_allreduce(
+    gather = 1.5 if plan.zero else 1.0  # ZeRO-1: the parameter all-gather after the step (costmodel.exposed_allreduce)
+    costs = [replace(c, allreduce_total=gather * a, allreduce=exposed_allreduce(
         a, c.grad_seconds, float(cm.range_info(st.start, st.end).trainable_bytes), plan.zero, plan.allreduce_overlap,
         bucket)) for c, a, st in zip(costs, full, plan.stages)]
     p, v, M = plan.groups, plan.virtual_stages, plan.microbatches
