@@ -114,7 +114,9 @@ def run_cmd(
     stages: Optional[int] = typer.Option(None, "--stages", help="Force the number of pipeline stages."),
     replicas: Optional[str] = typer.Option(None, "--replicas", help="Force replicas per stage, e.g. 2,1,1 (implies --stages)."),
     microbatches: Optional[int] = typer.Option(None, "--microbatches", help="Force the number of microbatches."),
-    schedule: Optional[str] = typer.Option(None, "--schedule", help="Pipeline schedule: 1f1b (default) or gpipe."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="Pipeline schedule: 1f1b (default), gpipe, interleaved or zb."),
+    virtual_stages: Optional[int] = typer.Option(None, "--virtual-stages", help="Force v model chunks per GPU group (v > 1: interleaved schedule)."),
+    zero: Optional[int] = typer.Option(None, "--zero", help="ZeRO-1: 1 shards the optimizer state over a stage's replicas, 0 does not."),
     plan: Optional[Path] = typer.Option(None, "--plan", help="Run this plan file (`rannc plan --out`) instead of planning at the first forward."),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Activation checkpointing: auto (as planned), on or off."),
     log_dir: Optional[Path] = typer.Option(None, "--log-dir", help="Also write each rank's output to DIR/rank-<R>.log (only rank 0's reaches the terminal)."),
@@ -128,7 +130,7 @@ def run_cmd(
 
     code = run_local(script, list(ctx.args), nproc, stages=stages, replicas=_parse_replicas(replicas),
                      microbatches=microbatches, schedule=schedule, plan=plan, checkpoint=checkpoint,
-                     log_dir=log_dir)
+                     log_dir=log_dir, virtual_stages=virtual_stages, zero=zero)
     raise typer.Exit(code)
 
 

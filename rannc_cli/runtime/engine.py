@@ -317,8 +317,11 @@ class Engine:
         if self.rank == 0 and not self.constraints.quiet:
             parts = " | ".join(f"{st.start}-{st.end - 1} x{st.replicas}{' ckpt' if st.checkpoint else ''}"
                                for st in self.plan.stages)
+            extras = "".join([f" v={self.plan.virtual_stages}" if self.plan.virtual_stages > 1 else "",
+                              ", ZeRO-1" if self.plan.zero else "",
+                              ", all-reduce overlapped" if self.plan.allreduce_overlap else ""])
             print(f"rannc: plan {len(self.plan.stages)} stage(s) [blocks {parts}], {self.plan.microbatches} "
-                  f"microbatch(es), {self.plan.schedule}, {self.world} process(es), {self.device.type}",
+                  f"microbatch(es), {self.plan.schedule}{extras}, {self.world} process(es), {self.device.type}",
                   file=sys.stderr, flush=True)
             if self.plan.devices_used < self.world:  # say why some processes get no work
                 why = self.plan.predicted.get("idle_reason") or "the plan file leaves them idle"

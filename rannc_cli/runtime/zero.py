@@ -75,7 +75,9 @@ class Unit:
         padded = torch.zeros(self.chunk, dtype=piece.dtype, device=piece.device)
         padded[:piece.numel()] = piece.reshape(-1)
         full = torch.empty(self.chunk * len(self.ranks), dtype=piece.dtype, device=piece.device)
-        dist.all_gather_into_tensor(full, padded, group=self.process_group)
+        # torch >= 2.13 names it all_gather_single (all_gather_into_tensor warns there)
+        gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather_into(full, padded, group=self.process_group)
         return full[:self.total]
 
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
