@@ -2,9 +2,10 @@
 
     python benchmarks/plan_quality.py
 
-Baselines (rannc_cli/planner/baselines.py): pure data parallel, uniform layer split, parameter-
-balanced split (DeepSpeed default), time-balanced split (torchgpipe balance_by_time), each with
-uniform replicas and its best stage count and microbatch count. All are priced by the same
+Baselines (rannc_cli/planner/baselines.py): pure data parallel (DDP: all-reduce overlapped with
+the backward), uniform layer split, parameter-balanced split (DeepSpeed default), time-balanced
+split (torchgpipe balance_by_time), the pipelines 1F1B with the all-reduce after the drain, each
+with uniform replicas and its best stage count and microbatch count. All are priced by the same
 simulator. Targets: ratio <= 1.0 everywhere, <= 0.9 on the heterogeneous models (ResNet, hybrid).
 "search only" is the ratio of the search's own best plan, before `rannc plan` falls back to a
 faster baseline (possible when the baseline's stage boundaries fall inside coarsened units).
@@ -59,9 +60,11 @@ def main() -> None:
                 bound = f"{compute_bound(rep.cost_model) / bs:.3f}"
             else:
                 best, ratio, alone, bound = "none fits", "-", "-", "-"
-            reps = ",".join(str(s.replicas) for s in rep.plan.stages)
+            p = rep.plan
+            reps = ",".join(str(s.replicas) for s in p.stages[:p.groups])
+            sched = p.schedule + (f" v={p.virtual_stages}" if p.virtual_stages > 1 else "") + (" zero1" if p.zero else "")
             print(f"{name:32} {nodes}x{gpus:<5} {1e3 * step:9.1f} {best:>22} {ratio:>6} {alone:>11} {bound:>6}  "
-                  f"{len(rep.plan.stages)} stages [{reps}] M={rep.plan.microbatches}")
+                  f"{p.groups} stages [{reps}] M={p.microbatches} {sched}", flush=True)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
     python benchmarks/plan_search_time.py [--profile FILE] [--clusters 4x8,32x8,128x8]
 
 Times the library call behind `rannc plan` (coarsening, DP search, simulation of the runners-up),
-then separately the baselines. Target: < 10 s on 32 nodes x 8 GPUs on a 2-core machine.
+then separately the baselines. Targets (issue 14, the larger plan space): < 5 s on 32x8 and 128x8,
+< 10 s on 512x8, 2 cores.
 Uses the analytic profile (rannc_cli.planner.synthetic.bert_profile, V100-16GB formulas) unless
 --profile gives a real estimate-mode profile (benchmarks/plan_estimate_profile.py writes one of
 the 96-layer model from meta-device shapes). "vs base" = predicted step / best baseline's step.
@@ -42,11 +43,13 @@ def main() -> None:
 
         bases = evaluate_baselines(rep.cost_model, SearchSpace.build(rep.cost_model).microbatches)
         base = time.perf_counter() - t1
-        reps = ",".join(str(s.replicas) for s in rep.plan.stages)
+        p = rep.plan
+        reps = ",".join(str(s.replicas) for s in p.stages[:p.groups]) + f" {p.schedule}" + \
+            (f" v={p.virtual_stages}" if p.virtual_stages > 1 else "") + (" zero1" if p.zero else "")
         steps = [b.simulation.step_seconds for b in bases.values() if b is not None]
         vs = f"{rep.simulation.step_seconds / min(steps):.3f}" if steps else "-"
         print(f"{spec:>8} {rep.search_seconds:9.2f} {total - rep.search_seconds:7.2f} {base:12.2f} {rep.dp_calls:8d} "
-              f"{1e3 * rep.simulation.step_seconds:9.1f} {vs:>7} {len(rep.plan.stages):6d}  {reps}")
+              f"{1e3 * rep.simulation.step_seconds:9.1f} {vs:>7} {p.groups:6d}  {reps}", flush=True)
 
 
 if __name__ == "__main__":

@@ -86,7 +86,9 @@ def plan_cmd(
     stages: Optional[int] = typer.Option(None, "--stages", help="Force the number of pipeline stages."),
     replicas: Optional[str] = typer.Option(None, "--replicas", help="Force replicas per stage, e.g. 4,2,2 (implies --stages)."),
     microbatches: Optional[int] = typer.Option(None, "--microbatches", help="Force the number of microbatches."),
-    schedule: Optional[str] = typer.Option(None, "--schedule", help="Force the schedule: 1f1b or gpipe."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="Force the schedule: 1f1b, gpipe, interleaved or zb."),
+    virtual_stages: Optional[int] = typer.Option(None, "--virtual-stages", help="Force v model chunks per GPU group (v > 1: interleaved schedule)."),
+    zero: Optional[int] = typer.Option(None, "--zero", help="Force ZeRO-1 (1: optimizer state sharded over each stage's replicas) or not (0)."),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Force activation checkpointing: auto (where a stage needs it), on or off."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the plan file (docs/plan-format.md)."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan, prediction and baselines as JSON."),
@@ -100,7 +102,7 @@ def plan_cmd(
 
     plan_command(profile=profile, nodes=nodes, gpus=gpus, mem_per_gpu=mem_per_gpu, batch_size=batch_size,
                  topology=topology, stages=stages, replicas=replicas, microbatches=microbatches, schedule=schedule,
-                 checkpoint=checkpoint, out=out, as_json=as_json, timeline=timeline, explain=explain, exhaustive=exhaustive, evaluate=evaluate)
+                 virtual_stages=virtual_stages, zero=zero, checkpoint=checkpoint, out=out, as_json=as_json, timeline=timeline, explain=explain, exhaustive=exhaustive, evaluate=evaluate)
 
 
 # --------------------------------------------------------------------------- run
@@ -112,7 +114,9 @@ def run_cmd(
     stages: Optional[int] = typer.Option(None, "--stages", help="Force the number of pipeline stages."),
     replicas: Optional[str] = typer.Option(None, "--replicas", help="Force replicas per stage, e.g. 2,1,1 (implies --stages)."),
     microbatches: Optional[int] = typer.Option(None, "--microbatches", help="Force the number of microbatches."),
-    schedule: Optional[str] = typer.Option(None, "--schedule", help="Pipeline schedule: 1f1b (default) or gpipe."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="Pipeline schedule: 1f1b (default), gpipe, interleaved or zb."),
+    virtual_stages: Optional[int] = typer.Option(None, "--virtual-stages", help="Force v model chunks per GPU group (v > 1: interleaved schedule)."),
+    zero: Optional[int] = typer.Option(None, "--zero", help="ZeRO-1: 1 shards the optimizer state over a stage's replicas, 0 does not."),
     plan: Optional[Path] = typer.Option(None, "--plan", help="Run this plan file (`rannc plan --out`) instead of planning at the first forward."),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Activation checkpointing: auto (as planned), on or off."),
     log_dir: Optional[Path] = typer.Option(None, "--log-dir", help="Also write each rank's output to DIR/rank-<R>.log (only rank 0's reaches the terminal)."),
@@ -126,7 +130,7 @@ def run_cmd(
 
     code = run_local(script, list(ctx.args), nproc, stages=stages, replicas=_parse_replicas(replicas),
                      microbatches=microbatches, schedule=schedule, plan=plan, checkpoint=checkpoint,
-                     log_dir=log_dir)
+                     log_dir=log_dir, virtual_stages=virtual_stages, zero=zero)
     raise typer.Exit(code)
 
 

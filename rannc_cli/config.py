@@ -166,7 +166,9 @@ REGISTRY: dict[str, Setting] = {
         Setting("stages", 0, "Runtime planning: force this many pipeline stages (0: the planner decides).", int, minimum=0),
         Setting("replicas", "", "Runtime planning: force replicas per stage, a comma list like 2,1,1 (implies stages).", parse=_comma_ints_or_empty),
         Setting("microbatches", 0, "Runtime planning: force this many microbatches (0: the planner decides).", int, minimum=0),
-        Setting("schedule", "1f1b", "Runtime planning: pipeline schedule, 1f1b or gpipe (empty: the planner decides).", str, choices=("1f1b", "gpipe", "")),
+        Setting("schedule", "1f1b", "Runtime planning: pipeline schedule, 1f1b, gpipe, interleaved or zb (empty: the planner decides).", str, choices=("1f1b", "gpipe", "interleaved", "zb", "")),
+        Setting("virtual_stages", 0, "Runtime planning: force v model chunks per GPU group (v > 1: the interleaved schedule; 0: the planner decides).", int, minimum=0),
+        Setting("zero", "", "Runtime planning: ZeRO-1, the optimizer state sharded over a stage's replicas: 1 on, 0 off (empty: the planner decides).", str, choices=("0", "1", "")),
         Setting("checkpoint", "auto", "Runtime: activation checkpointing per stage: auto (as the plan says), on or off.", str, choices=("auto", "on", "off")),
         Setting("runtime_timeout", 300.0, "Runtime: seconds a collective or transfer may wait before the job fails (bounds hangs when a rank dies).", float, above=0),
         Setting("hang_timeout_seconds", 60.0, "Runtime: a rank whose heartbeat has not changed for this many seconds is named as hung and the job ends (0: off, then runtime_timeout bounds a hang).", float, minimum=0),
@@ -176,6 +178,7 @@ REGISTRY: dict[str, Setting] = {
         Setting("runtime_memory", "", "Runtime planning: memory per process to plan for, like 4GiB (empty: the GPU's, or host memory / processes).", parse=_memory_size),
         Setting("checkpoint_dir", "", "Runtime: on SIGUSR1 checkpoint here and exit 0; resume from here at the next start (job scripts set RANNC_CHECKPOINT_DIR).", str),
         Setting("loss_reduction", "mean", "Runtime: how the model's loss reduces over the batch, mean or sum (microbatch losses are combined to match).", str, choices=("mean", "sum")),
+        Setting("allreduce_bucket_mb", 25.0, "Runtime: MiB per gradient all-reduce bucket when the plan overlaps the all-reduce with the backward (allreduce_overlap).", float, above=0),
         Setting("batchnorm", "local", "Runtime: BatchNorm statistics per microbatch slice (local) or shared across a stage's replicas (sync, as SyncBatchNorm).", str, choices=("local", "sync")),
     ]
 }

@@ -6,7 +6,8 @@
     assert not compare(ref, got)                     # [] when every number matches
 
 A case trains ``steps`` steps (default 5) on its zoo model with dropout switched off, on a batch
-that changes a little each step; SGD with momentum unless ``optimizer`` says adam. Keys:
+that changes a little each step; SGD with momentum unless ``optimizer`` says adam, adamw, rmsprop,
+adagrad or adafactor. Keys:
 options (RaNNCModule options), local_batches, autocast ('bf16'), scaler (GradScaler init scale),
 deferred (build under deferred_init, then load the reference's initial weights), reload (load
 the initial weights after training and report the no-grad loss), start (first step index, for
@@ -73,6 +74,14 @@ def make_optimizer(case: dict, params: Any, model: nn.Module | None = None) -> t
                                 {"params": plain, "weight_decay": 0.0, "lr": 0.1}], lr=0.05, momentum=0.9)
     if case.get("optimizer") == "adam":
         return torch.optim.Adam(params, lr=1e-2)
+    if case.get("optimizer") == "adamw":
+        return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    if case.get("optimizer") == "rmsprop":
+        return torch.optim.RMSprop(params, lr=1e-3, momentum=0.9, weight_decay=0.01)
+    if case.get("optimizer") == "adagrad":
+        return torch.optim.Adagrad(params, lr=1e-2)
+    if case.get("optimizer") == "adafactor":  # not element-wise: zero=1 refuses it
+        return torch.optim.Adafactor(params, lr=1e-2)
     return torch.optim.SGD(params, lr=0.05, momentum=0.9)
 
 
@@ -268,14 +277,27 @@ def train_distributed(case: dict, rank: int, fail_rank: int = -1, resume: str = 
         import torch.distributed as dist
 
         dist.all_gather_object(held_by_rank, held)
+    from rannc_cli.runtime.zero import optimizer_state_bytes
+
+    state_bytes_by_rank: list[Any] = [optimizer_state_bytes(opt)] * world  # optimizer state held by each rank
+    if world > 1:
+        dist.all_gather_object(state_bytes_by_rank, state_bytes_by_rank[0])
     result: dict[str, Any] = {"losses": losses, "state": wrapped.state_dict(), "optimizer": opt.state_dict(),
                               **_evaluate(step_batch_forward, wrapped, batch), "held_numel": held, "held_by_rank": held_by_rank,
+                              "state_bytes_by_rank": state_bytes_by_rank,
+                              "buckets": _bucket_counts(wrapped),
                               "total_numel": total, **record, "names": [n for n, _ in wrapped.named_parameters()]}
     if case.get("reload"):
         wrapped.load_state_dict(initial)
         with torch.no_grad():
             result["reloaded"] = float(step_batch_forward(*batch[0], **batch[1]))
     return result
+
+
+def _bucket_counts(wrapped: Any) -> tuple[int, int] | None:
+    """(buckets launched during the last backward, all buckets) of an overlapping reducer, else None."""
+    reducer = getattr(getattr(wrapped, "_engine", None), "reducer", None)
+    return (reducer.early, len(reducer.buckets)) if hasattr(reducer, "early") else None
 
 
 def save_result(result: dict, path: Path) -> None:

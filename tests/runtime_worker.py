@@ -34,6 +34,17 @@ def sabotage(kind: str) -> None:
         from rannc_cli.runtime import clipping
 
         clipping.engine_of = lambda parameters: None  # type: ignore[assignment]  # torch's per-rank norm
+    elif kind == "skip_some_w":
+        from rannc_cli.runtime.split_backward import WeightGrad
+
+        run, calls = WeightGrad.run, [0]
+
+        def skipping(self):  # type: ignore[no-untyped-def]  # every third W adds nothing to .grad
+            calls[0] += 1
+            if calls[0] % 3:
+                run(self)
+
+        WeightGrad.run = skipping  # type: ignore[method-assign]
     elif kind == "drop_microbatch":
         from rannc_cli.runtime.executor import Executor
 

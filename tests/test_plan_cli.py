@@ -124,7 +124,7 @@ def test_forced_parts_hold_through_refinement_and_baselines_say_why(tmp_path):
     assert table.returncode == 0, table.stderr
     assert "2 microbatches of 32" in table.stdout and "not applicable with --stages 3" in table.stdout
     rows = [line.split() for line in table.stdout.splitlines() if line.strip()[:1].isdigit() and "GiB" in line]
-    assert [int(r[-3]) for r in rows] == [4, 2, 2]
+    assert len(rows) % 3 == 0 and [int(r[-3]) for r in rows] == [4, 2, 2] * (len(rows) // 3)  # interleaved: v chunks
 
 
 def test_a_directory_is_named_as_a_directory(tmp_path, profile_file):

@@ -148,3 +148,23 @@ def test_a_bad_plan_is_one_error_line_on_every_rank(tmp_path):
     assert proc.returncode == 2
     assert "error: the plan puts stage 0 on devices" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_planner_flags_of_issue_14_reach_the_runtime_planner(tmp_path):
+    """`rannc run --schedule interleaved --virtual-stages 2 --zero 1`: rank 0 plans with them forced
+    (4 processes, 2 groups of 2 replicas, 4 stages), every rank follows, and training equals one process."""
+    cases = [{"id": "mlp_il_zero", "model": "example_mlp", "optimizer": "adam", "options": {"quiet": False}}]
+    proc = launch(tmp_path, cases, 4, "--replicas", "2,2", "--schedule", "interleaved", "--virtual-stages", "2",
+                  "--zero", "1", "--microbatches", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rannc: plan 4 stage(s)" in proc.stderr and "interleaved v=2, ZeRO-1" in proc.stderr, proc.stderr[-2000:]
+    got = load_result(tmp_path / "out" / "mlp_il_zero.pt")
+    bad, worst = compare(train_reference(cases[0]), got, keys=("losses", "state", "optimizer"))
+    assert not bad, f"{bad[:3]}"
+    assert worst < 1e-5
+
+
+def test_contradicting_schedule_flags_fail_before_any_worker_starts(tmp_path):
+    proc = launch(tmp_path, [{"id": "never", "model": "example_mlp"}], 2, "--virtual-stages", "2", "--schedule", "zb")
+    assert proc.returncode == 2
+    assert proc.stderr.count("error:") == 1 and "needs the interleaved schedule" in proc.stderr and "[rank" not in proc.stderr

@@ -11,7 +11,7 @@ import torch
 
 from conftest import run_cli
 from rannc_cli.errors import RanncError
-from rannc_cli.planner.schedules import stage_ops
+from rannc_cli.planner.schedules import rank_ops, stage_ops
 from rannc_cli.runtime.env import detect_env
 from rannc_cli.runtime.microbatch import overlap, slice_ranges, split_sizes
 from rannc_cli.runtime.planning import even_plan
@@ -64,6 +64,40 @@ def _runs_to_completion(schedule: str, stages: int, microbatches: int) -> bool:
 def test_schedules_never_deadlock_with_skip_connections(schedule):
     for stages, microbatches in itertools.product(range(1, 6), range(1, 9)):
         assert _runs_to_completion(schedule, stages, microbatches), (schedule, stages, microbatches)
+
+
+def _rank_ops_run_to_completion(schedule: str, groups: int, microbatches: int, virtual: int) -> bool:
+    """The same replay for rank_ops (several stages per group, W ops): every stage still exchanges
+    with every other, and a group's ops wait for their inputs in list order."""
+    ops = rank_ops(schedule, groups, microbatches, virtual)
+    stages = groups * virtual
+    done: set[tuple[str, int, int]] = set()
+    pos = [0] * groups
+    while any(p < len(o) for p, o in zip(pos, ops)):
+        progressed = False
+        for g in range(groups):
+            while pos[g] < len(ops[g]):
+                kind, m, s = ops[g][pos[g]]
+                if kind == "F":
+                    ready = all(("F", m, t) in done for t in range(s))
+                elif kind == "B":
+                    ready = ("F", m, s) in done and all(("B", m, t) in done for t in range(s + 1, stages))
+                else:
+                    ready = ("B", m, s) in done
+                if not ready:
+                    break
+                done.add((kind, m, s))
+                pos[g] += 1
+                progressed = True
+        if not progressed:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("schedule,virtual", [("interleaved", 2), ("interleaved", 3), ("zb", 1)])
+def test_multi_stage_schedules_never_deadlock_with_skip_connections(schedule, virtual):
+    for groups, microbatches in itertools.product(range(1, 6), range(1, 9)):
+        assert _rank_ops_run_to_completion(schedule, groups, microbatches, virtual), (groups, microbatches)
 
 
 def test_rendezvous_from_torchrun_slurm_and_pbs(tmp_path):

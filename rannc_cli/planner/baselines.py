@@ -9,6 +9,12 @@
 - ``parameters``: S stages balancing parameter bytes (DeepSpeed's default ``'parameters'``);
 - ``time``: S stages balancing forward+backward time (torchgpipe ``balance_by_time``).
 
+Each is priced the way the tool it stands for runs: ``data-parallel`` is PyTorch DDP, which
+all-reduces gradient buckets while the backward still runs (``allreduce_overlap``, only the
+exposed part charged, as for rannc's plans); the pipelines (DeepSpeed's PipelineModule,
+torchgpipe) all-reduce after the pipeline drains (no overlap), 1F1B. ZeRO-1 is an option where
+the tool has it: DDP with torch's ZeroRedundancyOptimizer, DeepSpeed's pipeline engine (which
+takes ZeRO stage 1, not 2 or 3) for ``uniform`` and ``parameters``; torchgpipe has none.
 Every stage gets the same replica count ``GPUs / S`` (laid out contiguously); checkpointing is
 switched on for a stage only when it does not fit otherwise. Each heuristic gets its best S and M
 (by the objective, then the simulator among the three best), which is generous to the baselines.
@@ -65,7 +71,11 @@ def _weights(cm: CostModel, how: str) -> list[float]:
     return [float(f + b) for f, b in zip(fwd, bwd)]
 
 
-def _plan(cm: CostModel, bounds: list[int], replicas: int, m: int, checkpoint: str | None = None) -> Plan | None:
+ZERO_TOOLS = ("data-parallel", "uniform", "parameters")  # baselines whose tool offers ZeRO-1
+
+
+def _plan(cm: CostModel, bounds: list[int], replicas: int, m: int, checkpoint: str | None = None,
+          overlap: bool = False, zero: int = 0) -> Plan | None:
     cl = cm.cluster
     layout = contiguous([replicas] * (len(bounds) - 1), cl.gpus_per_node, cl.devices)
     if layout is None:
@@ -75,12 +85,12 @@ def _plan(cm: CostModel, bounds: list[int], replicas: int, m: int, checkpoint: s
     n = len(bounds) - 1
     for i in range(n):
         c = cm.best_stage_cost(bounds[i], bounds[i + 1], replicas, m, link_in(prev, layout[i]), allreduce_link(layout[i]),
-                               in_flight("1f1b", m, n, i), checkpoint)
+                               in_flight("1f1b", m, n, i), checkpoint, zero=zero, overlap=overlap)
         if not c.feasible:
             return None
         stages.append(StagePlan(bounds[i], bounds[i + 1], replicas, layout[i], c.checkpoint))
         prev = layout[i]
-    return Plan("1f1b", m, cm.batch_size, stages)
+    return Plan("1f1b", m, cm.batch_size, stages, allreduce_overlap=overlap, zero=zero)
 
 
 def evaluate_baselines(cm: CostModel, microbatches: list[int], forced=None,
@@ -118,9 +128,13 @@ def evaluate_baselines(cm: CostModel, microbatches: list[int], forced=None,
                 if r > cm.microbatch(m):
                     small += 1
                     continue
-                plan = _plan(cm, bounds, r, m, checkpoint)
-                if plan is not None:
-                    options.append((plan_objective(plan, cm), plan))
+                zeros = [0, 1] if name in ZERO_TOOLS and r > 1 else [0]
+                if forced is not None and forced.zero is not None:
+                    zeros = [forced.zero] if forced.zero in zeros or forced.zero == 0 else []
+                for zero in zeros:
+                    plan = _plan(cm, bounds, r, m, checkpoint, overlap=name == "data-parallel", zero=zero)
+                    if plan is not None:
+                        options.append((plan_objective(plan, cm), plan))
         options.sort(key=lambda x: x[0])
         sims = [(simulate(p, cm), p) for _, p in options[:3]]
         if sims:

@@ -87,6 +87,9 @@ def plan_json(profile, report) -> dict[str, Any]:
                     "shard": sim.costs[i].shard} for i, st in enumerate(plan.stages)],
         "microbatches": plan.microbatches,
         "schedule": plan.schedule,
+        "virtual_stages": plan.virtual_stages,
+        "zero": plan.zero,
+        "allreduce_overlap": plan.allreduce_overlap,
         "batch_size": plan.batch_size,
         "predicted_step_seconds": sim.step_seconds,
         "objective_seconds": sim.objective_seconds,
@@ -116,7 +119,9 @@ def print_report(profile, report, explain_lines: list[str] | None) -> None:
                                  "placement", "ckpt"]))
     sps = plan.predicted.get("samples_per_second", math.nan)
     typer.echo(f"\npredicted step {1e3 * sim.step_seconds:.4g} ms, {sps:.4g} samples/s "
-               f"({plan.schedule}, {plan.microbatches} microbatches of {cm.microbatch(plan.microbatches)}, "
+               f"({plan.schedule}" + (f" x{plan.virtual_stages} chunks per GPU group" if plan.virtual_stages > 1 else "")
+               + (", ZeRO-1" if plan.zero else "") + (", all-reduce overlapped" if plan.allreduce_overlap else "")
+               + f", {plan.microbatches} microbatches of {cm.microbatch(plan.microbatches)}, "
                f"{plan.devices_used} of {cm.cluster.devices} GPUs; usable memory {cm.capacity / GIB:.3g} GiB per GPU)")
     if plan.predicted.get("idle_reason"):
         typer.echo(plan.predicted["idle_reason"])
@@ -149,7 +154,8 @@ def print_report(profile, report, explain_lines: list[str] | None) -> None:
 def plan_command(profile: Path, nodes: int | None = None, gpus: int | None = None, mem_per_gpu: str | None = None,
                  batch_size: int | None = None, topology: Path | None = None, stages: int | None = None,
                  replicas: str | None = None, microbatches: int | None = None, schedule: str | None = None,
-                 checkpoint: str | None = None, out: Path | None = None, as_json: bool = False, timeline: Path | None = None, explain: bool = False,
+                 checkpoint: str | None = None, out: Path | None = None, virtual_stages: int | None = None,
+                 zero: int | None = None, as_json: bool = False, timeline: Path | None = None, explain: bool = False,
                  exhaustive: bool = False, evaluate: Path | None = None) -> None:
     from rannc_cli.planner.planner import make_plan
     from rannc_cli.profiler.format import Profile
@@ -160,8 +166,17 @@ def plan_command(profile: Path, nodes: int | None = None, gpus: int | None = Non
         data_format(out)  # refuse a suffix we cannot write before the search
     prof = Profile.load(profile)
     cluster = _cluster(prof, nodes, gpus, mem_per_gpu, topology)
-    if schedule is not None and schedule not in ("1f1b", "gpipe"):
-        raise RanncError(f"--schedule {schedule!r} is not known", hint="use 1f1b or gpipe")
+    from rannc_cli.planner.schedules import SCHEDULE_NAMES
+
+    if schedule is not None and schedule not in SCHEDULE_NAMES:
+        raise RanncError(f"--schedule {schedule!r} is not known", hint=f"use one of {', '.join(SCHEDULE_NAMES)}")
+    if virtual_stages is not None and virtual_stages < 1:
+        raise RanncError(f"--virtual-stages must be at least 1 (got {virtual_stages})")
+    if virtual_stages is not None and virtual_stages > 1 and schedule not in (None, "interleaved"):
+        raise RanncError(f"--virtual-stages {virtual_stages} needs the interleaved schedule, not --schedule {schedule}",
+                         hint="drop --schedule or pass --schedule interleaved")
+    if zero is not None and zero not in (0, 1):
+        raise RanncError(f"--zero {zero} is not known", hint="use 0 (off) or 1 (ZeRO-1)")
     if batch_size is not None and batch_size < 1:
         raise RanncError(f"--batch-size must be at least 1 (got {batch_size})")
     if checkpoint is not None and checkpoint not in ("auto", "on", "off"):
@@ -175,6 +190,7 @@ def plan_command(profile: Path, nodes: int | None = None, gpus: int | None = Non
     else:
         report = make_plan(prof, cluster, batch_size=batch_size, stages=stages, replicas=_parse_replicas(replicas),
                            microbatches=microbatches, schedule=schedule, use_exhaustive=exhaustive,
+                           virtual_stages=virtual_stages, zero=zero,
                            checkpoint=None if checkpoint in (None, "auto") else checkpoint)
     lines = None
     if explain:

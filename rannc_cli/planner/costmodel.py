@@ -15,7 +15,15 @@ Per stage covering blocks ``start..end-1`` with ``r`` replicas, ``M`` microbatch
   the link is intra-node when this stage and the previous one sit on one node, else inter-node;
 - all-reduce of the stage's trainable parameter gradients over its r replicas (ring):
   ``2 (r-1)/r * bytes / bandwidth + 2 (r-1) * latency``, intra-node bandwidth when the replicas
-  share a node; it runs after the pipeline flush, all stages at once (no overlap with compute);
+  share a node; without overlap it runs after the pipeline flush, all stages at once; with
+  ``overlap`` (plan ``allreduce_overlap``) only its exposed part is charged
+  (``exposed_allreduce``: what is left after hiding behind the stage's last backward op, at least
+  the last bucket's share); ZeRO-1 (``zero``) divides the optimizer state by r and adds the
+  all-gather of the updated parameters after the step (half an all-reduce, never hidden; the
+  gradients are still all-reduced in full, see ``exposed_allreduce``);
+- 'zb' splits the backward into B (input gradients) and W (weight gradients): W is
+  ``weight_share`` (W_SHARE = 1/2) of the backward of blocks with trainable parameters, none of
+  parameter-free blocks (the profile does not measure the split);
 - memory per GPU: parameters and buffers + gradients + optimizer state (trainable bytes x
   ``optimizer_state_factor``) + in-flight microbatches x (saved activations + received inputs)
   + the largest block's working peak; with checkpointing only the received inputs stay per
@@ -138,19 +146,23 @@ def bucket_bytes() -> float:
 
 
 def exposed_allreduce(total, grad_seconds, nbytes, zero: int, overlap: bool, bucket: float):
-    """Seconds of a stage's gradient all-reduce (``total``) the step waits for (numpy arrays or floats).
+    """Seconds of a stage's gradient communication the step waits for, given ``total``, the seconds
+    of one all-reduce of its gradients (numpy arrays or floats).
 
     Without overlap all of it (it runs after the drain). With overlap the buckets (reverse
     parameter order, ``bucket`` bytes each) start as the stage's last backward op (``grad_seconds``
-    of compute, the W op with 'zb') makes them final, so the hideable part runs under that op and
-    what sticks out is ``max(hideable - grad_seconds, last bucket's share)``: the last bucket holds
-    the first parameters, final only at the op's end. With ZeRO-1 the reduce-scatter (half of
-    ``total``) is hideable; the all-gather of the updated parameters follows the optimizer step."""
+    of compute, the W op with 'zb') makes them final, so they run under that op and what sticks
+    out is ``max(total - grad_seconds, last bucket's share)``: the last bucket holds the first
+    parameters, final only at the op's end. ZeRO-1 as runtime/zero.py runs it keeps the full
+    all-reduce (``.grad`` stays the single-device gradient, so clipping and GradScaler work
+    unchanged) and adds the all-gather of the updated parameter slices after the optimizer step:
+    ``(r-1)/r`` of the bytes, half an all-reduce's time, never hidden."""
+    gather = np.multiply(total, 0.5) if zero else 0.0
     if not overlap:
-        return total
-    hide = np.multiply(total, 0.5) if zero else total
-    share = np.minimum(1.0, bucket / np.maximum(nbytes, 1.0))
-    out = np.subtract(total, hide) + np.maximum(np.subtract(hide, grad_seconds), np.multiply(hide, share))
+        out = np.add(total, gather)
+    else:
+        share = np.minimum(1.0, bucket / np.maximum(nbytes, 1.0))
+        out = np.maximum(np.subtract(total, grad_seconds), np.multiply(total, share)) + gather
     return float(out) if np.ndim(out) == 0 else out
 
 
@@ -297,7 +309,7 @@ class CostModel:
         else:
             mem = static + in_flight * (a + in_b) + pk
         return StageCost(f + cf, b + cb, charged, mem, f, b, cf, cb, m, checkpoint, bool(mem <= self.capacity),
-                         w, ar, grad, pk)
+                         w, ar * (1.5 if zero else 1.0), grad, pk)  # ZeRO-1: + the parameter all-gather
 
     def best_stage_cost(self, start: int, end: int, replicas: int, microbatches: int, link_in: str | None,
                         allreduce: str, in_flight: int, checkpoint: str | None = None, zero: int = 0,

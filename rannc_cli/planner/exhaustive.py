@@ -3,7 +3,8 @@
     best, count = exhaustive(cost_model, bounds, space)     # Candidate with the least objective
 
 Enumerates every split of the units into stages, every replica count per stage, both placements
-the rule allows per stage (placement.py), every microbatch count and both schedules, and prices
+the rule allows per stage (placement.py), every microbatch count, both schedules and every ZeRO setting of the space (all-reduce overlap
+as the space says), and prices
 each plan with the scalar cost model (links from the device lists, checkpointing only where a
 stage does not fit without it, or as forced); plans cutting a blocked boundary between unequal
 replica counts (redistribution.py) and, with ``all_devices``, plans leaving a GPU idle are skipped. It shares no code with the DP beyond the cost model and the
@@ -35,13 +36,13 @@ def exhaustive(cm: CostModel, bounds: list[int], space: SearchSpace, all_schedul
     cache: dict[tuple, StageCost] = {}
     blocked = cm.cut_blocked()
 
-    def cost(a: int, e: int, r: int, m: int, lin: str | None, ar: str, k: int) -> StageCost:
-        key = (a, e, r, m, lin, ar, k)
+    def cost(a: int, e: int, r: int, m: int, lin: str | None, ar: str, k: int, zero: int) -> StageCost:
+        key = (a, e, r, m, lin, ar, k, zero)
         if key not in cache:
-            cache[key] = cm.best_stage_cost(bounds[a], bounds[e], r, m, lin, ar, k, space.checkpoint)
+            cache[key] = cm.best_stage_cost(bounds[a], bounds[e], r, m, lin, ar, k, space.checkpoint, zero, space.overlap)
         return cache[key]
 
-    for schedule in schedules:
+    for schedule, zero in [(sch, z) for sch in schedules for z in space.zero]:
         for m in space.microbatches:
             reps = [r for r in space.replicas if r <= cm.microbatch(m)]
             def leaf(layout: list[tuple[int, int, int, int]]) -> None:
@@ -60,7 +61,7 @@ def exhaustive(cm: CostModel, bounds: list[int], space: SearchSpace, all_schedul
                 prev = None
                 for i, (a, e, r, s) in enumerate(layout):
                     devs = devices(s, r, g)
-                    c = cost(a, e, r, m, link_in(prev, devs), allreduce_link(devs), in_flight(schedule, m, n, i))
+                    c = cost(a, e, r, m, link_in(prev, devs), allreduce_link(devs), in_flight(schedule, m, n, i), zero)
                     if not c.feasible:
                         return
                     costs.append(c)
@@ -69,7 +70,8 @@ def exhaustive(cm: CostModel, bounds: list[int], space: SearchSpace, all_schedul
                 obj = objective(schedule, m, costs, space.tie)
                 if best is None or obj < best.objective:
                     best = Candidate(obj, schedule, m, tuple((bounds[a], bounds[e], r, s, c.checkpoint)
-                                                             for (a, e, r, s), c in zip(layout, costs)))
+                                                             for (a, e, r, s), c in zip(layout, costs)),
+                                     1, zero, space.overlap)
 
             def walk(u: int, d: int, acc: list[tuple[int, int, int, int]]) -> None:
                 if u == units:

@@ -12,6 +12,9 @@ simulator's polish (which keeps the structure), the baselines, and the final cho
 in-process plan: every started process should get work) asks for plans that use every GPU:
 forced replica counts must then sum to the GPU count, and when no plan on all of them fits,
 make_plan returns the best plan that does with ``predicted['idle_reason']`` saying why.
+``schedule`` may be any of schedules.SCHEDULE_NAMES; ``virtual`` (``--virtual-stages v``, v > 1
+implies 'interleaved') and ``zero`` (``--zero 0|1``) fix those plan fields. With interleaving,
+``stages`` and ``replicas`` count GPU groups (pipeline depth p), not the p v chunks.
 """
 
 from __future__ import annotations
@@ -29,8 +32,24 @@ class Forced:
     schedule: str | None = None
     checkpoint: str | None = None  # 'on' (every stage), 'off' (none), None (where a stage needs it)
     all_devices: bool = False
+    virtual: int | None = None  # --virtual-stages v (v > 1: interleaved)
+    zero: int | None = None  # --zero 0|1
 
     def __post_init__(self) -> None:
+        from rannc_cli.planner.schedules import SCHEDULE_NAMES
+
+        if self.schedule is not None and self.schedule not in SCHEDULE_NAMES:
+            raise RanncError(f"--schedule {self.schedule!r} is not known", hint=f"use one of {', '.join(SCHEDULE_NAMES)}")
+        if self.virtual is not None:
+            if self.virtual < 1:
+                raise RanncError(f"--virtual-stages must be at least 1 (got {self.virtual})")
+            if self.virtual > 1 and self.schedule not in (None, "interleaved"):
+                raise RanncError(f"--virtual-stages {self.virtual} needs the interleaved schedule, not --schedule "
+                                 f"{self.schedule}", hint="drop --schedule or pass --schedule interleaved")
+            if self.virtual > 1 and self.schedule is None:
+                object.__setattr__(self, "schedule", "interleaved")
+        if self.zero is not None and self.zero not in (0, 1):
+            raise RanncError(f"--zero {self.zero} is not known", hint="use 0 (off) or 1 (ZeRO-1)")
         if self.replicas is not None:
             object.__setattr__(self, "replicas", tuple(int(r) for r in self.replicas))
             if self.stages is not None and self.stages != len(self.replicas):
@@ -55,7 +74,7 @@ class Forced:
     def shapes_plan(self) -> bool:
         """Whether any part of the plan itself is forced (the baselines' comparison is then narrowed)."""
         return any(x is not None for x in (self.stages, self.replicas, self.microbatches, self.schedule,
-                                           self.checkpoint))
+                                           self.checkpoint, self.virtual, self.zero))
 
     def flags(self) -> str:
         parts = []
@@ -63,23 +82,29 @@ class Forced:
             parts.append(f"--replicas {','.join(map(str, self.replicas))}")
         elif self.stages is not None:
             parts.append(f"--stages {self.stages}")
-        for name in ("microbatches", "schedule", "checkpoint"):
+        for name in ("microbatches", "schedule", "checkpoint", "virtual", "zero"):
             if getattr(self, name) is not None:
-                parts.append(f"--{name} {getattr(self, name)}")
+                parts.append(f"--{'virtual-stages' if name == 'virtual' else name} {getattr(self, name)}")
         return " ".join(parts)
 
     def violations(self, plan, devices: int | None = None) -> list[str]:
         """What of the forced parts ``plan`` does not honour (empty when it honours all)."""
         out = []
-        if self.stages is not None and len(plan.stages) != self.stages:
-            out.append(f"{len(plan.stages)} stages, not {self.stages}")
-        reps = tuple(st.replicas for st in plan.stages)
+        groups = getattr(plan, "groups", len(plan.stages))  # --stages and --replicas count GPU groups
+        if self.stages is not None and groups != self.stages:
+            out.append(f"{groups} stages, not {self.stages}")
+        reps = tuple(st.replicas for st in plan.stages[:groups])
         if self.replicas is not None and reps != self.replicas:
             out.append(f"replicas {','.join(map(str, reps))}, not {','.join(map(str, self.replicas))}")
         if self.microbatches is not None and plan.microbatches != self.microbatches:
             out.append(f"{plan.microbatches} microbatches, not {self.microbatches}")
         if self.schedule is not None and plan.schedule != self.schedule:
             out.append(f"schedule {plan.schedule}, not {self.schedule}")
+        v = getattr(plan, "virtual_stages", 1)
+        if self.virtual is not None and v != self.virtual:
+            out.append(f"{v} virtual stages, not {self.virtual}")
+        if self.zero is not None and getattr(plan, "zero", 0) != self.zero:
+            out.append(f"zero {getattr(plan, 'zero', 0)}, not {self.zero}")
         if self.checkpoint is not None and any(st.checkpoint != (self.checkpoint == "on") for st in plan.stages):
             out.append(f"checkpointing not {self.checkpoint} on every stage")
         if self.all_devices and devices is not None and sum(reps) != devices:

@@ -123,15 +123,25 @@ class Plan:
             raise bad(f"stages cover blocks 0..{expect - 1} but the profile has {n_blocks} blocks")
 
 
+_HELD: dict[tuple[str, int, int, int], list[int]] = {}
+
+
+def held_counts(schedule: str, groups: int, microbatches: int, virtual: int = 1) -> list[int]:
+    """Most microbatches each of the ``groups * virtual`` stages holds at once (from ``rank_ops``;
+    with 'zb' a microbatch is held until its W op), cached."""
+    key = (schedule, groups, microbatches, virtual)
+    if key not in _HELD:
+        out = [0] * (groups * virtual)
+        for ops in rank_ops(schedule, groups, microbatches, virtual):
+            for s, k in peak_in_flight_per_stage(ops).items():
+                out[s] = k
+        _HELD[key] = out
+    return list(_HELD[key])
+
+
 def held_per_stage(plan: Plan) -> list[int]:
-    """Most microbatches each stage holds at once under the plan's schedule (from ``rank_ops``;
-    with 'zb' a microbatch is held until its W op)."""
-    p = plan.groups
-    out = [0] * len(plan.stages)
-    for ops in rank_ops(plan.schedule, p, plan.microbatches, plan.virtual_stages):
-        for s, k in peak_in_flight_per_stage(ops).items():
-            out[s] = k
-    return out
+    """Most microbatches each stage of ``plan`` holds at once under its schedule."""
+    return held_counts(plan.schedule, plan.groups, plan.microbatches, plan.virtual_stages)
 
 
 def stage_costs(plan: Plan, cm: CostModel) -> list[StageCost]:

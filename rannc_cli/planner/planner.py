@@ -34,6 +34,7 @@ from rannc_cli.planner.redistribution import check_plan_runs
 from rannc_cli.planner.refine import Refiner
 from rannc_cli.planner.search import Candidate, SearchSpace, min_devices, search
 from rannc_cli.planner.simulate import Simulation, simulate
+from rannc_cli.planner.variants import schedule_variants
 from rannc_cli.profiler.format import Profile
 
 GIB = float(1 << 30)
@@ -56,18 +57,20 @@ class PlanReport:
     search_step_seconds: float = 0.0  # simulated step of the search's own best plan
     optimality_gap: float = 0.0  # > 0 when the DP-run budget stopped the search: objective within this fraction
     baseline_notes: dict[str, str] = field(default_factory=dict)  # why a baseline is None: not applicable / no fit
+    forced_flags: str = ""  # the forced parts, as flags (for --explain)
 
 
 def candidate_plan(c: Candidate, cm: CostModel) -> Plan:
     g = cm.cluster.gpus_per_node
     stages = [StagePlan(a, e, r, devices(s, r, g), ck) for a, e, r, s, ck in c.stages]
-    return Plan(c.schedule, c.microbatches, cm.batch_size, stages)
+    return Plan(c.schedule, c.microbatches, cm.batch_size, stages, virtual_stages=c.virtual, zero=c.zero,
+                allreduce_overlap=c.overlap)
 
 
 def plan_candidate(plan: Plan, cm: CostModel, objective: float) -> Candidate:
     return Candidate(objective, plan.schedule, plan.microbatches,
                      tuple((s.start, s.end, s.replicas, s.devices[0][0] * cm.cluster.gpus_per_node + s.devices[0][1],
-                            s.checkpoint) for s in plan.stages))
+                            s.checkpoint) for s in plan.stages), plan.virtual_stages, plan.zero, plan.allreduce_overlap)
 
 
 def annotate(plan: Plan, sim: Simulation, cm: CostModel, profile: Profile) -> Plan:
@@ -102,14 +105,16 @@ def rank_key(plan: Plan, sim: Simulation, tie: float = TIE_WEIGHT) -> tuple[floa
 def make_plan(profile: Profile, cluster: ClusterSpec, batch_size: int | None = None, stages: int | None = None,
               replicas: list[int] | None = None, microbatches: int | None = None, schedule: str | None = None,
               use_exhaustive: bool = False, max_units: int | None = None, with_baselines: bool = True,
-              keep: int = 12, checkpoint: str | None = None, all_devices: bool = False) -> PlanReport:
+              keep: int = 12, checkpoint: str | None = None, all_devices: bool = False,
+              virtual_stages: int | None = None, zero: int | None = None) -> PlanReport:
     """Search the fastest plan of ``profile`` on ``cluster`` (see the module doc).
 
     Forced parts (``stages``, ``replicas``, ``microbatches``, ``schedule``, ``checkpoint`` 'on'/'off',
     ``all_devices``) become one ``Forced`` that every step respects; the returned plan honours all of
     them and passes the runtime's acceptance check (redistribution.py), or a RanncError says why not.
     """
-    forced = Forced(stages, tuple(replicas) if replicas else None, microbatches, schedule, checkpoint, all_devices)
+    forced = Forced(stages, tuple(replicas) if replicas else None, microbatches, schedule, checkpoint, all_devices,
+                    virtual_stages, zero)
     cm = CostModel(profile, cluster, batch_size)
     forced.conflicts(cm)
     try:
@@ -192,7 +197,7 @@ def _make_plan(profile: Profile, cm: CostModel, forced: Forced, use_exhaustive: 
     if refiner is not None:  # the simulator's last word on the boundaries of the best few structures
         polished: set[tuple] = set()
         for plan, sim in list(sims):
-            key = (plan.schedule, plan.microbatches, tuple((st.replicas, st.devices[0]) for st in plan.stages))
+            key = (plan.schedule, plan.microbatches, tuple((st.replicas, st.devices[0]) for st in plan.stages), plan.zero)
             if key in polished:
                 continue
             polished.add(key)
@@ -203,6 +208,9 @@ def _make_plan(profile: Profile, cm: CostModel, forced: Forced, use_exhaustive: 
                 sims.append((better, simulate(better, cm)))
             if len(polished) >= POLISH_STRUCTURES:
                 break
+        sims.sort(key=lambda ps: rank_key(*ps, forced.tie))
+        # interleaved and zb: the best structures re-ranked under those schedules (variants.py)
+        sims += schedule_variants(cm, refiner, sims, forced, space.microbatches)
         sims.sort(key=lambda ps: rank_key(*ps, forced.tie))
         calls += refiner.calls
     elapsed = time.perf_counter() - t0
@@ -221,7 +229,8 @@ def _make_plan(profile: Profile, cm: CostModel, forced: Forced, use_exhaustive: 
         if rank_key(b.plan, b.simulation, forced.tie) < rank_key(*sims[0], forced.tie):
             sims.insert(0, (Plan(b.plan.schedule, b.plan.microbatches, b.plan.batch_size,
                                  [StagePlan(s.start, s.end, s.replicas, list(s.devices), s.checkpoint)
-                                  for s in b.plan.stages]), b.simulation))
+                                  for s in b.plan.stages], virtual_stages=b.plan.virtual_stages, zero=b.plan.zero,
+                                 allreduce_overlap=b.plan.allreduce_overlap), b.simulation))
             chosen_from = f"baseline {name}"
     plan, sim = sims[0]
     annotate(plan, sim, cm, profile)
@@ -233,6 +242,7 @@ def _make_plan(profile: Profile, cm: CostModel, forced: Forced, use_exhaustive: 
     report = PlanReport(plan, sim, cm, base, sims[1:], elapsed, len(bounds) - 1, calls, count, chosen_from, searched,
                         gap)
     report.baseline_notes = notes
+    report.forced_flags = forced.flags()
     return report
 
 
@@ -265,7 +275,7 @@ def infeasible(cm: CostModel, bounds: list[int], space: SearchSpace, forced: boo
         big = ClusterSpec(4096, cl.gpus_per_node, cl.memory_per_gpu, cl.links, cl.gpu_model, cl.source)
         big_cm = CostModel(cm.profile, big, cm.batch_size, cm.margin, cm.opt_factor)
         big_space = SearchSpace.build(big_cm, schedules=space.schedules, microbatches=space.microbatches,
-                                      stages=space.stages, replicas=space.forced_replicas)
+                                      stages=space.stages, replicas=space.forced_replicas, zero=space.zero)
         need = min_devices(big_cm, bounds, big_space)
         if need is None:
             parts.append("no cluster of these GPUs fits this batch with these forced settings")
@@ -291,7 +301,7 @@ def smallest_nodes(cm: CostModel, bounds: list[int], space: SearchSpace, start: 
             return None
         sub = CostModel(cm.profile, cl.with_nodes(nodes), cm.batch_size, cm.margin, cm.opt_factor)
         sp = SearchSpace.build(sub, schedules=space.schedules, microbatches=space.microbatches, stages=space.stages,
-                               replicas=space.forced_replicas)
+                               replicas=space.forced_replicas, zero=space.zero)
         if feasible(sub, bounds, sp):
             return nodes
     return None

@@ -25,7 +25,7 @@ import math
 
 import numpy as np
 
-from rannc_cli.planner.costmodel import TIE_WEIGHT, CostModel, max_weight, rank_seconds, warmup
+from rannc_cli.planner.costmodel import TIE_WEIGHT, CostModel, bucket_bytes, exposed_allreduce, max_weight, rank_seconds, warmup
 from rannc_cli.planner.placement import devices, link_in, replica_ok
 from rannc_cli.planner.simulate import allreduce_times, makespan
 from rannc_cli.planner.search import INF, Candidate, _branch_and_bound, _State, unit_ranges
@@ -38,6 +38,7 @@ class _Chain:
                  tie: float = TIE_WEIGHT):
         self.cm, self.bounds, self.tie = cm, bounds, tie
         self.schedule, self.m = cand.schedule, cand.microbatches
+        self.virtual, self.zero, self.overlap = cand.virtual, cand.zero, cand.overlap
         cl = cm.cluster
         g = cl.gpus_per_node
         self.S = S = len(cand.stages)
@@ -50,15 +51,22 @@ class _Chain:
         self.CK = np.zeros(shape, dtype=bool)
         self.AR = np.full(shape, INF)
         P, T, IPS, IFX, GPS, GFX = (ranges[k] for k in ("param", "train", "in_ps", "in_fx", "g_ps", "g_fx"))
-        static = P + T * (1.0 + cm.opt_factor)
+        self.WT = np.zeros(shape)  # 'zb': the W share of BW
+        self.GR = np.zeros(shape)  # compute of the op that makes the gradients final (costmodel.exposed_allreduce)
+        self.TB = ranges["train"]
+        held = _held(self.schedule, S, self.m, self.virtual)
+        capacity = cm.capacity / self.virtual  # a group's v chunks share its GPUs (each gets 1/v: conservative)
+        bucket = bucket_bytes()
+        wshare = cm.weight_share()
         bidx = np.array(bounds)
         tri = np.triu(np.ones((U + 1, U + 1), dtype=bool), 1)
         links = cl.links
         prev = None
         for s, (r, start) in enumerate(zip(self.reps, self.starts)):
             devs = devices(start, r, g)
-            lin = link_in(prev, devs)
+            lin = None if prev == devs else link_in(prev, devs)  # chunks on the same GPUs hand over locally
             prev = devs
+            static = P + T * (1.0 + (cm.opt_factor / r if self.zero else cm.opt_factor))
             sh = cm.shard(self.m, r)
             fwd, bwd, rec, act, peak = cm.block_arrays(sh)
 
@@ -67,6 +75,7 @@ class _Chain:
                 return cs[None, :] - cs[:, None]
 
             f, b, rc, a = rng(fwd), rng(bwd), rng(rec), rng(act)
+            wt = rng(bwd * wshare) if self.schedule == "zb" else np.zeros_like(b)
             unit_peak = np.array([peak[bounds[u]:bounds[u + 1]].max() for u in range(U)])
             pk = np.zeros((U + 1, U + 1))
             for s0 in range(U):
@@ -85,16 +94,19 @@ class _Chain:
                 ar = np.where(T > 0, 2.0 * (r - 1) / r * T / ar_link.bandwidth + 2.0 * (r - 1) * ar_link.latency, 0.0)
             else:
                 ar = np.zeros_like(T)
-            k = min(self.m, S - s) if self.schedule == "1f1b" else self.m
-            plain = (static + k * (a + in_b) + pk <= cm.capacity) & tri
-            ck = ~plain & (static + k * in_b + a + pk <= cm.capacity) & tri
+            ar = exposed_allreduce(ar, wt if self.schedule == "zb" else b, T, self.zero, self.overlap, bucket)
+            k = held[s]
+            plain = (static + k * (a + in_b) + pk <= capacity) & tri
+            ck = ~plain & (static + k * in_b + a + pk <= capacity) & tri
             if checkpoint == "on":
-                plain, ck = np.zeros_like(plain), (static + k * in_b + a + pk <= cm.capacity) & tri
+                plain, ck = np.zeros_like(plain), (static + k * in_b + a + pk <= capacity) & tri
             elif checkpoint == "off":
                 ck = np.zeros_like(ck)
             self.FW[s] = np.where(plain | ck, f + cf, INF)
             self.BW[s] = np.where(plain, b + cb, np.where(ck, rc + cb, INF))
             self.CK[s] = ck
+            self.WT[s] = np.where(plain | ck, wt, INF)
+            self.GR[s] = wt if self.schedule == "zb" else b
             self.AR[s] = np.where(plain | ck, ar, INF)
         blocked = np.array([cm.cut_blocked()[b] for b in bounds], dtype=bool)
         for s in range(1, S):  # no cut that a value without a batch dimension crosses between unequal replicas
@@ -144,7 +156,7 @@ class _Chain:
         obj = total + sum(wk * x for wk, x in zip(w, maxima))
         out = tuple((self.bounds[a], self.bounds[e], self.reps[s], self.starts[s], bool(self.CK[s, a, e]))
                     for s, a, e in stages)
-        return total, Candidate(obj, self.schedule, self.m, out), maxima[:-1], maxima[-1]
+        return total, Candidate(obj, self.schedule, self.m, out, self.virtual, self.zero, self.overlap), maxima[:-1], maxima[-1]
 
 
 def refine(cm: CostModel, cand: Candidate, bounds: list[int], ranges: dict | None = None,
@@ -177,9 +189,21 @@ def refine(cm: CostModel, cand: Candidate, bounds: list[int], ranges: dict | Non
     return best if best is not None and math.isfinite(best.objective) else None
 
 
+def _held(schedule: str, stages: int, microbatches: int, virtual: int) -> list[int]:
+    """Microbatches each stage holds at once (closed forms for 1F1B and GPipe, else from rank_ops)."""
+    if schedule == "1f1b":
+        return [min(microbatches, stages - s) for s in range(stages)]
+    if schedule == "gpipe":
+        return [microbatches] * stages
+    from rannc_cli.planner.plan import held_counts
+
+    return held_counts(schedule, stages // virtual, microbatches, virtual)
+
+
 def structure(c: Candidate) -> tuple:
-    """What refinement keeps: schedule, microbatches, and each stage's replicas and first device."""
-    return (c.schedule, c.microbatches, tuple((st[2], st[3]) for st in c.stages))
+    """What refinement keeps: schedule, microbatches, each stage's replicas and first device, and
+    the chunks per group, ZeRO and overlap settings."""
+    return (c.schedule, c.microbatches, tuple((st[2], st[3]) for st in c.stages), c.virtual, c.zero, c.overlap)
 
 
 class Refiner:
@@ -239,7 +263,7 @@ class Refiner:
         halves can be placed and there are enough units), at M and at 2M microbatches; none when the
         stage count is forced, only M when the microbatch count is."""
         g = self.cm.cluster.gpus_per_node
-        if self.forced.stages is not None:
+        if self.forced.stages is not None or c.virtual > 1:
             return []
         stages = []
         for _, _, r, start, _ in c.stages:
@@ -251,7 +275,7 @@ class Refiner:
         out = []
         for m in (c.microbatches,) if self.forced.microbatches is not None else (c.microbatches, 2 * c.microbatches):
             if m <= self.cm.batch_size and self.cm.batch_size % m == 0 and max(st[2] for st in stages) <= self.cm.microbatch(m):
-                out.append(Candidate(INF, c.schedule, m, tuple(stages)))
+                out.append(Candidate(INF, c.schedule, m, tuple(stages), 1, c.zero, c.overlap))
         return out
 
     def polish(self, cand: Candidate, max_sims: int = 400) -> tuple[Candidate, float] | None:
@@ -274,19 +298,23 @@ class Refiner:
 
         g = self.cm.cluster.gpus_per_node
         tied = self.cm.has_shared_parameters()
+        bucket = bucket_bytes()
 
         def step(p: list[int]) -> float:
             fw = [float(ch.FW[s, p[s], p[s + 1]]) for s in range(S)]
             if not all(np.isfinite(fw)):
                 return INF
             bw = [float(ch.BW[s, p[s], p[s + 1]]) for s in range(S)]
+            wt = [float(ch.WT[s, p[s], p[s + 1]]) for s in range(S)] if sched == "zb" else None
             self.simulations += 1
             if tied:  # the simulator's all-reduce: shared parameters over the union of their holders
-                ar = allreduce_times(self.cm, [(self.bounds[p[s]], self.bounds[p[s + 1]], st[2], devices(st[3], st[2], g))
-                                               for s, st in enumerate(cand.stages)])
+                full = allreduce_times(self.cm, [(self.bounds[p[s]], self.bounds[p[s + 1]], st[2], devices(st[3], st[2], g))
+                                                 for s, st in enumerate(cand.stages)])
+                ar = [exposed_allreduce(a, float(ch.GR[s, p[s], p[s + 1]]), float(ch.TB[p[s], p[s + 1]]), ch.zero,
+                                        ch.overlap, bucket) for s, a in enumerate(full)]
             else:
                 ar = [float(ch.AR[s, p[s], p[s + 1]]) for s in range(S)]
-            return rank_seconds(makespan(fw, bw, sched, m) + max(ar), fw, bw, m, self.forced.tie)
+            return rank_seconds(makespan(fw, bw, sched, m, ch.virtual, wt) + max(ar), fw, bw, m, self.forced.tie)
 
         best = step(pos)
         if not np.isfinite(best):

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from rannc_cli.errors import RanncError
-from rannc_cli.planner.costmodel import SCHEDULES, TIE_WEIGHT, CostModel, max_weight, warmup
+from rannc_cli.planner.costmodel import SCHEDULES, TIE_WEIGHT, CostModel, bucket_bytes, exposed_allreduce, max_weight, warmup
 from rannc_cli.planner.placement import replica_ok
 
 INF = math.inf
@@ -51,6 +51,12 @@ class Candidate:
     schedule: str
     microbatches: int
     stages: tuple[tuple[int, int, int, int, bool], ...]  # (start_block, end_block, replicas, first_device, checkpoint)
+    virtual: int = 1  # chunks per GPU group ('interleaved')
+    zero: int = 0  # ZeRO-1 on every stage
+    overlap: bool = False  # gradient all-reduce overlapped with the last backward
+
+    def key(self) -> tuple:
+        return (self.schedule, self.microbatches, self.stages, self.virtual, self.zero, self.overlap)
 
 
 @dataclass
@@ -63,21 +69,31 @@ class SearchSpace:
     checkpoint: str | None = None  # forced 'on' / 'off' for every stage; None: only where a stage needs it
     all_devices: bool = False  # only plans that use every GPU (contiguous, no placement gaps)
     tie: float = TIE_WEIGHT  # bottleneck weight at one microbatch (costmodel.max_weight)
+    zero: list[int] = field(default_factory=lambda: [0])  # ZeRO-1 settings the DP tries (a job dimension)
+    overlap: bool = False  # all-reduce overlapped with the last backward (the exposed part is charged)
+    bound: bool = False  # lower-bound mode (benchmarks/plan_optimum.py): only the first stage's all-reduce counts
+    zero_if_needed: bool = False  # ZeRO-1 jobs only where the ZeRO-0 job's least-sum plan checkpoints or none fits
 
     @classmethod
     def from_forced(cls, cm: CostModel, forced) -> "SearchSpace":
-        """The space narrowed by a ``forced.Forced`` (the one object every planner step respects)."""
-        space = cls.build(cm, schedules=[forced.schedule] if forced.schedule else None,
+        """The space narrowed by a ``forced.Forced`` (the one object every planner step respects).
+        A forced 'interleaved' or 'zb' schedule searches 1F1B structures, which the planner turns
+        into that schedule (planner.py); ``rannc plan`` overlaps every all-reduce."""
+        dp = forced.schedule if forced.schedule in SCHEDULES else ("1f1b" if forced.schedule else None)
+        space = cls.build(cm, schedules=[dp] if dp else None,
                           microbatches=[forced.microbatches] if forced.microbatches else None, stages=forced.stages,
                           replicas=list(forced.replicas) if forced.replicas else None, checkpoint=forced.checkpoint,
-                          all_devices=forced.all_devices)
+                          all_devices=forced.all_devices, zero=[forced.zero] if forced.zero is not None else [0, 1],
+                          overlap=True)
         space.tie = forced.tie
+        space.zero_if_needed = forced.zero is None
         return space
 
     @classmethod
     def build(cls, cm: CostModel, schedules: list[str] | None = None, microbatches: list[int] | None = None,
               stages: int | None = None, replicas: list[int] | None = None, max_microbatches: int | None = None,
-              checkpoint: str | None = None, all_devices: bool = False) -> "SearchSpace":
+              checkpoint: str | None = None, all_devices: bool = False, zero: list[int] | None = None,
+              overlap: bool = False) -> "SearchSpace":
         """Candidates for a cluster and batch; forced values (CLI flags) replace the candidates."""
         from rannc_cli.config import settings
         from rannc_cli.planner.redistribution import dynamic_batch
@@ -125,8 +141,11 @@ class SearchSpace:
         # unforced search only tries 1F1B (the exhaustive search tries both and agrees).
         if checkpoint not in (None, "on", "off"):
             raise RanncError(f"checkpoint {checkpoint!r} is not known", hint="use auto, on or off")
+        for z in zero or []:
+            if z not in (0, 1):
+                raise RanncError(f"--zero {z} is not known", hint="use 0 (off) or 1 (ZeRO-1)")
         return cls(list(schedules or ["1f1b"]), ms, [r for r in cands if r <= g * n], stages, replicas, checkpoint,
-                   all_devices)
+                   all_devices, zero=list(zero or [0]), overlap=overlap)
 
 
 def _node_counts(n: int) -> list[int]:
@@ -151,8 +170,10 @@ class SearchResult:
 class _Tables:
     """Stage options for one (schedule, M): arrays over (start unit, end unit, replica index, link, j)."""
 
-    def __init__(self, cm: CostModel, bounds: list[int], space: SearchSpace, schedule: str, m: int, ranges: dict):
+    def __init__(self, cm: CostModel, bounds: list[int], space: SearchSpace, schedule: str, m: int, ranges: dict,
+                 zero: int = 0):
         self.cm, self.bounds, self.schedule, self.m = cm, bounds, schedule, m
+        self.zero, self.overlap = zero, space.overlap
         cl = cm.cluster
         self.G, self.D = cl.gpus_per_node, cl.devices
         U = self.U = len(bounds) - 1
@@ -176,9 +197,9 @@ class _Tables:
         self.CK = np.zeros(shape, dtype=bool)
         self.AR = np.full((U + 1, U + 1, nR), INF)
         P, T, IPS, IFX, GPS, GFX = ranges["param"], ranges["train"], ranges["in_ps"], ranges["in_fx"], ranges["g_ps"], ranges["g_fx"]
-        static = P + T * (1.0 + cm.opt_factor)
         links = cl.links
         lk = [None, links["intra_node"], links["inter_node"]]
+        bucket = bucket_bytes()
         bidx = np.array(bounds)
         tri = np.triu(np.ones((U + 1, U + 1), dtype=bool), 1)
         for ri, r in enumerate(self.R):
@@ -188,6 +209,7 @@ class _Tables:
                 cs = np.concatenate([[0.0], np.cumsum(x)])[bidx]
                 return cs[None, :] - cs[:, None]
             f, b, rc, a = rng(fwd), rng(bwd), rng(rec), rng(act)
+            static = P + T * (1.0 + (cm.opt_factor / r if zero else cm.opt_factor))
             unit_peak = np.array([peak[bounds[u]:bounds[u + 1]].max() if bounds[u + 1] > bounds[u] else 0.0
                                   for u in range(U)])
             pk = np.zeros((U + 1, U + 1))
@@ -200,6 +222,9 @@ class _Tables:
                 ar = np.where(T > 0, 2.0 * (r - 1) / r * T / ar_link.bandwidth + 2.0 * (r - 1) * ar_link.latency, 0.0)
             else:
                 ar = np.zeros_like(T)
+            ar = exposed_allreduce(ar, b, T, zero, space.overlap, bucket)  # costmodel: the part the step waits for
+            if space.bound:  # stage 0's last backward ends the pipeline, so its exposed part surely adds
+                ar = np.where(np.arange(U + 1)[:, None] == 0, ar, 0.0)
             self.AR[:, :, ri] = np.where(tri, ar, INF)
             for li in range(3):
                 if lk[li] is None:
@@ -373,7 +398,7 @@ class _Tables:
             out.append((self.bounds[a], self.bounds[e], self.R[ri], start, bool(self.CK[a, e, ri, li, j - 1])))
         _, weights = self.coords()
         obj = total + sum(w * x for w, x in zip(weights, maxima)) + ar
-        return total, Candidate(obj, self.schedule, self.m, tuple(out)), maxima, ar
+        return total, Candidate(obj, self.schedule, self.m, tuple(out), 1, self.zero, self.overlap), maxima, ar
 
 
 def unit_ranges(cm: CostModel, bounds: list[int]) -> dict[str, np.ndarray]:
@@ -404,14 +429,15 @@ def search(cm: CostModel, bounds: list[int], space: SearchSpace, keep: int = 64,
     ranges = unit_ranges(cm, bounds)
     state = _State()
     jobs = []
-    for schedule in space.schedules:
-        for m in space.microbatches:
-            t = _Tables(cm, bounds, space, schedule, m, ranges)
-            if not t.R:
+    needed: dict[tuple[str, int], bool] = {}  # (schedule, M): the ZeRO-0 job checkpoints or finds nothing
+    for schedule, m, zero, t in _jobs(cm, bounds, space, ranges):
+            if zero and space.zero_if_needed and not needed.get((schedule, m), True):
                 continue
             coords, weights = t.coords()
             res = t.dp(t.UT)
             state.calls += 1
+            if not zero:
+                needed[(schedule, m)] = res is None or any(t.CK[a, e, ri, li, j - 1] for a, e, ri, li, j, _ in res[1])
             if res is None:
                 continue
             ok = np.isfinite(t.UT)
@@ -422,18 +448,39 @@ def search(cm: CostModel, bounds: list[int], space: SearchSpace, keep: int = 64,
                 lows.append(mm[0] if mm else 0.0)
             lb = res[0] + sum(w * x for w, x in zip(weights + [1.0], lows))
             state.offer(*t.candidate(res[1]))
-            jobs.append((lb, schedule, m, res, lows))
-            del t  # tables are rebuilt below for the (schedule, M) pairs that survive pruning
+            jobs.append((lb, schedule, m, zero, res, lows))
+            del t  # tables are rebuilt below for the (schedule, M, zero) jobs that survive pruning
     jobs.sort(key=lambda x: x[0])
-    for lb, schedule, m, res0, lows in jobs:
+    for lb, schedule, m, zero, res0, lows in jobs:
         if state.beaten(lb):
             continue
-        t = _Tables(cm, bounds, space, schedule, m, ranges)
+        t = _Tables(cm, bounds, space, schedule, m, ranges, zero)
         _branch_and_bound(t, res0, lows, state, budget)
     best = state.best
     cands = sorted(state.seen.values(), key=lambda c: c.objective)[:keep]
     lower = best.objective if best is not None and state.open_bound >= best.objective else state.open_bound
     return SearchResult(best, cands, state.calls, lower if best is not None else INF)
+
+
+def _jobs(cm: CostModel, bounds: list[int], space: SearchSpace, ranges: dict):
+    """(schedule, M, zero, tables) for every job worth a DP. ZeRO-1 moves the same bytes as the all-reduce and
+    hides less of it, so it can only win where it lets an option fit (or fit unchecked) that does
+    not without it; a ZeRO-1 job whose tables are no wider than ZeRO-0's is skipped (exact). With
+    ``space.zero_if_needed`` (the planner's default, not exact) search() also skips a ZeRO-1 job
+    where the ZeRO-0 job's least-sum plan at that M needs no checkpointing; variants.py still
+    tries ZeRO-1 on the best structures."""
+    for schedule in space.schedules:
+        for m in space.microbatches:
+            base = None
+            for zero in sorted(space.zero):
+                t = _Tables(cm, bounds, space, schedule, m, ranges, zero)
+                if not t.R:
+                    break
+                ok, ck = np.isfinite(t.UT), t.CK
+                if base is not None and not ((ok & ~base[0]).any() or (base[1] & ~ck & ok).any()):
+                    continue
+                base = (ok, ck) if base is None else base
+                yield schedule, m, zero, t
 
 
 class _State:
@@ -449,7 +496,7 @@ class _State:
         return self.best is not None and bound >= self.best.objective * (1 - 1e-12)
 
     def offer(self, total: float, cand: Candidate, maxima: list[float], ar: float) -> None:
-        self.seen.setdefault((cand.schedule, cand.microbatches, cand.stages), cand)
+        self.seen.setdefault(cand.key(), cand)
         if self.best is None or cand.objective < self.best.objective:
             self.best = cand
 
@@ -532,7 +579,7 @@ def min_devices(cm: CostModel, bounds: list[int], space: SearchSpace) -> int | N
     best: float = INF
     for schedule in space.schedules:
         for m in space.microbatches:
-            t = _Tables(cm, bounds, space, schedule, m, ranges)
+            t = _Tables(cm, bounds, space, schedule, m, ranges, max(space.zero))
             if not t.R:
                 continue
             U, J = t.U, t.J
@@ -559,7 +606,7 @@ def feasible(cm: CostModel, bounds: list[int], space: SearchSpace) -> bool:
     ranges = unit_ranges(cm, bounds)
     for schedule in space.schedules:
         for m in sorted(space.microbatches, reverse=True):
-            t = _Tables(cm, bounds, space, schedule, m, ranges)
+            t = _Tables(cm, bounds, space, schedule, m, ranges, max(space.zero))
             if t.R and t.dp(t.UT) is not None:
                 return True
     return False

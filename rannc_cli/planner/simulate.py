@@ -3,18 +3,26 @@
     sim = simulate(plan, cost_model)
     sim.step_seconds, sim.memory[0], sim.events[:3]      # Event(stage, kind, microbatch, start, end)
 
-Each stage runs its schedule's op list (schedules.py) in order. An op starts when the stage is
-free and its data is there: F(s, m) after F(s-1, m) (p2p time is part of the receiving stage's
-op, see costmodel.py), B(s, m) after B(s+1, m), the last stage's B(m) after its F(m). All replicas
-of a stage work on their shares of a microbatch at once, so a stage is one timeline. Gradient
-all-reduces start together once the pipeline has drained (no overlap with compute), each taking
-its stage's all-reduce time; the step ends when the last one ends. As in the runtime, a parameter
+Every GPU group (the replicas of a stage; with ``virtual_stages`` v > 1 the v chunks i, i + p, ...
+of group i % p) runs its op list from ``schedules.rank_ops`` in order, one timeline per group. An
+op starts when the group is free and its data is there: F(s, m) after F(s-1, m) (p2p time is part
+of the receiving stage's op, see costmodel.py; between chunks on the same GPUs there is none),
+B(s, m) after B(s+1, m), the last stage's B(m) after its F(m), and with 'zb' W(s, m) after B(s, m):
+B takes the backward minus its weight-gradient share (``CostModel.weight_share``: half the
+backward of blocks with parameters, none of parameter-free ones; the profile does not measure the
+split), W the rest. Gradient all-reduces: without ``allreduce_overlap`` they start once the
+pipeline has drained; with it a stage's all-reduce is charged only its exposed part
+(``costmodel.exposed_allreduce``) after its last gradient op (last B, or last W with 'zb'); a
+group's chunks reduce one after another (``step_with_allreduce``). As in the runtime, a parameter
 shared by several stages (a tied embedding and output layer) is reduced over the union of their
 replicas, not within each stage (``allreduce_times``); the search's objective leaves that out, so
-``objective_seconds`` is the search's figure and ``step_seconds`` the simulated one.
+``objective_seconds`` is the search's figure (for 'interleaved' and 'zb', which the DP does not
+price, the simulated step) and ``step_seconds`` the simulated one.
 
-Memory per GPU of a stage uses the largest number of microbatches it actually holds at once
-under the schedule (GPipe: M, 1F1B: min(M, S - s)).
+Memory per GPU: each stage holds the most microbatches its op list has in flight at once
+(``schedules.peak_in_flight_per_stage``; GPipe M, 1F1B min(M, S - s), 'zb' until the W op); a
+group's GPUs hold all its chunks (their memories added, the largest working peak once); ZeRO-1
+divides the optimizer state by the stage's replicas.
 """
 
 from __future__ import annotations
@@ -22,19 +30,20 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Sequence
 
-from rannc_cli.planner.costmodel import CostModel, StageCost, objective
+from rannc_cli.planner.costmodel import SCHEDULES, CostModel, StageCost, bucket_bytes, exposed_allreduce, objective
 from rannc_cli.planner.placement import allreduce_link
-from rannc_cli.planner.plan import Plan, stage_costs
-from rannc_cli.planner.schedules import peak_in_flight, stage_ops
+from rannc_cli.planner.plan import Plan, held_per_stage, stage_costs
+from rannc_cli.planner.schedules import rank_ops
 
 
 @dataclass(frozen=True)
 class Event:
     stage: int
-    kind: str  # 'F', 'B' or 'AR'
+    kind: str  # 'F', 'B', 'W' (zb) or 'AR'
     microbatch: int  # -1 for an all-reduce
     start: float
     end: float
+    group: int = -1  # the GPU group that ran it (stage % p; -1: the stage itself)
 
 
 @dataclass
@@ -43,88 +52,120 @@ class Simulation:
     pipeline_seconds: float
     objective_seconds: float
     costs: list[StageCost]
-    memory: list[float]  # peak bytes per GPU of each stage
+    memory: list[float]  # peak bytes per GPU of each stage (interleaved: of its group, all chunks)
     in_flight: list[int]
-    busy: list[float]  # seconds each stage computes or communicates per step
+    busy: list[float]  # seconds each stage's group computes or communicates per step
     events: list[Event]
+    capacity: float = float("inf")
 
     @property
     def fits(self) -> bool:
-        return all(c.feasible for c in self.costs)
+        return all(c.feasible for c in self.costs) and all(m <= self.capacity for m in self.memory)
 
 
-def simulate_times(forward: list[float], backward: list[float], schedule: str, microbatches: int) -> tuple[float, list[Event]]:
-    """Pipeline makespan and events for per-stage op durations (no all-reduce)."""
-    stages = len(forward)
-    orders = stage_ops(schedule, stages, microbatches)
-    done: dict[tuple[str, int, int], float] = {}
-    ptr = [0] * stages
-    free = [0.0] * stages
-    events: list[Event] = []
+_RANK_ORDERS: dict[tuple[str, int, int, int], list[list[tuple[int, int, int]]]] = {}
+
+
+def _orders(schedule: str, groups: int, microbatches: int, virtual: int) -> list[list[tuple[int, int, int]]]:
+    """``rank_ops`` with kinds as 0 (F), 1 (B), 2 (W), cached."""
+    key = (schedule, groups, microbatches, virtual)
+    if key not in _RANK_ORDERS:
+        code = {"F": 0, "B": 1, "W": 2}
+        _RANK_ORDERS[key] = [[(code[k], m, s) for k, m, s in ops]
+                             for ops in rank_ops(schedule, groups, microbatches, virtual)]
+    return _RANK_ORDERS[key]
+
+
+def _sweep(forward: Sequence[float], backward: Sequence[float], weight: Sequence[float] | None, schedule: str,
+           microbatches: int, virtual: int, events: list | None) -> tuple[list[float], list[list[float]]]:
+    """Greedy sweep over the groups' op lists; returns each group's end and each stage's op ends
+    [F ends, B ends, W ends] per microbatch. With ``weight`` (zb) B takes backward - weight, W weight."""
+    S, M = len(forward), microbatches
+    p = S // virtual
+    orders = _orders(schedule, p, M, virtual)
+    ends = [[[-1.0] * M for _ in range(S)] for _ in range(3)]
+    fe, be, we = ends
+    bdur = [b - w for b, w in zip(backward, weight)] if weight is not None else list(backward)
+    dur = (list(forward), bdur, list(weight) if weight is not None else [0.0] * S)
+    ptr = [0] * p
+    free = [0.0] * p
     remaining = sum(len(o) for o in orders)
     while remaining:
         progressed = False
-        for s in range(stages):
-            ops = orders[s]
-            while ptr[s] < len(ops):
-                kind, m = ops[ptr[s]]
-                if kind == "F":
-                    dep = ("F", s - 1, m) if s > 0 else None
+        for g in range(p):
+            ops, q, t = orders[g], ptr[g], free[g]
+            while q < len(ops):
+                k, m, s = ops[q]
+                if k == 0:
+                    d = fe[s - 1][m] if s > 0 else 0.0
+                elif k == 1:
+                    d = be[s + 1][m] if s < S - 1 else fe[s][m]
                 else:
-                    dep = ("B", s + 1, m) if s < stages - 1 else ("F", s, m)
-                if dep is not None and dep not in done:
+                    d = be[s][m]
+                if d < 0:
                     break
-                start = max(free[s], done[dep] if dep is not None else 0.0)
-                end = start + (forward[s] if kind == "F" else backward[s])
-                done[(kind, s, m)] = end
-                free[s] = end
-                events.append(Event(s, kind, m, start, end))
-                ptr[s] += 1
-                remaining -= 1
+                st = d if d > t else t
+                t = st + dur[k][s]
+                ends[k][s][m] = t
+                if events is not None:
+                    events.append(Event(s, "FBW"[k], m, st, t, g))
+                q += 1
+            if q != ptr[g]:
                 progressed = True
-        if not progressed:  # pragma: no cover - the schedules above never deadlock
+                remaining -= q - ptr[g]
+                ptr[g], free[g] = q, t
+        if not progressed:  # pragma: no cover - the schedules never deadlock
             raise RuntimeError(f"schedule {schedule} deadlocked")
+    return free, ends
+
+
+def simulate_times(forward: list[float], backward: list[float], schedule: str, microbatches: int,
+                   virtual: int = 1, weight: list[float] | None = None) -> tuple[float, list[Event]]:
+    """Pipeline makespan and events for per-stage op durations (no all-reduce). ``weight`` (zb
+    only): each stage's W share of ``backward``; the model's W_SHARE split when None."""
+    events: list[Event] = []
+    if schedule == "zb" and weight is None:
+        weight = [0.0] * len(forward)
+    free, _ = _sweep(forward, backward, weight if schedule == "zb" else None, schedule, microbatches, virtual, events)
     return (max(free) if free else 0.0), events
 
 
-_ORDERS: dict[tuple[str, int, int], list[list[tuple[bool, int]]]] = {}
-
-
-def makespan(forward: list[float], backward: list[float], schedule: str, microbatches: int) -> float:
-    """``simulate_times(...)[0]`` without the events: the same greedy sweep over plain lists, for
-    the search's local moves, which simulate hundreds of boundary variants (tests check equality)."""
-    S, M = len(forward), microbatches
-    key = (schedule, S, M)
-    if key not in _ORDERS:
-        _ORDERS[key] = [[(k == "F", m) for k, m in ops] for ops in stage_ops(schedule, S, M)]
-    orders = _ORDERS[key]
-    fe = [[-1.0] * M for _ in range(S)]
-    be = [[-1.0] * M for _ in range(S)]
-    ptr = [0] * S
-    free = [0.0] * S
-    remaining = 2 * S * M
-    while remaining:
-        progressed = False
-        for s in range(S):
-            ops, p, t = orders[s], ptr[s], free[s]
-            fs, bs, fe_s, be_s = forward[s], backward[s], fe[s], be[s]
-            fprev = fe[s - 1] if s > 0 else None
-            bnext = be[s + 1] if s < S - 1 else fe_s
-            while p < len(ops):
-                isf, m = ops[p]
-                d = (fprev[m] if fprev is not None else 0.0) if isf else bnext[m]
-                if d < 0:
-                    break
-                t = (d if d > t else t) + (fs if isf else bs)
-                (fe_s if isf else be_s)[m] = t
-                p += 1
-            if p != ptr[s]:
-                progressed = True
-                remaining -= p - ptr[s]
-                ptr[s], free[s] = p, t
-        if not progressed:  # pragma: no cover - the schedules never deadlock
-            raise RuntimeError(f"schedule {schedule} deadlocked")
+def makespan(forward: list[float], backward: list[float], schedule: str, microbatches: int, virtual: int = 1,
+             weight: list[float] | None = None) -> float:
+    """``simulate_times(...)[0]`` without the events, for the search's local moves, which simulate
+    hundreds of boundary variants (tests check equality)."""
+    if schedule == "zb" and weight is None:
+        weight = [0.0] * len(forward)
+    free, _ = _sweep(forward, backward, weight if schedule == "zb" else None, schedule, microbatches, virtual, None)
     return max(free) if free else 0.0
+
+
+def last_gradient_ends(ends: list[list[list[float]]], schedule: str) -> list[float]:
+    """Per stage: when its last gradient-producing op (last B, last W with zb) ends."""
+    k = 2 if schedule == "zb" else 1
+    return [max(row) for row in ends[k]]
+
+
+def step_with_allreduce(pipe: float, last_end: list[float], costs: Sequence[StageCost], groups: int,
+                        overlap: bool, events: list | None = None) -> float:
+    """Step end once every stage's all-reduce is done. A group's all-reduces (one per chunk) run
+    one after another on its links. Without overlap they start at the drain; with overlap stage s's
+    starts ``total - exposed`` before its last gradient op ends (the hidden part), so it ends
+    ``exposed`` after that op, or later when the group's link is still busy."""
+    step = pipe
+    link_free = [0.0] * groups
+    for s in sorted(range(len(costs)), key=lambda i: last_end[i]):
+        c = costs[s]
+        if c.allreduce_total <= 0:
+            continue
+        g = s % groups
+        ready = last_end[s] - (c.allreduce_total - c.allreduce) if overlap else pipe
+        st = max(ready, link_free[g])
+        link_free[g] = st + c.allreduce_total
+        step = max(step, link_free[g])
+        if events is not None:
+            events.append(Event(s, "AR", -1, st, link_free[g], g))
+    return step
 
 
 def allreduce_times(cm: CostModel, stages: Sequence[tuple[int, int, int, Sequence[Sequence[int]]]]) -> list[float]:
@@ -149,29 +190,45 @@ def allreduce_times(cm: CostModel, stages: Sequence[tuple[int, int, int, Sequenc
         own = float(cm.range_info(start, end).trainable_bytes) - sum(nbytes for _, nbytes in groups)
         t = cm.allreduce(own, replicas, allreduce_link(devs))
         for holders, nbytes in groups:
-            union = [d for j in sorted(holders) for d in stages[j][3]]
+            union = list(dict.fromkeys(tuple(d) for j in sorted(holders) for d in stages[j][3]))  # chunks share GPUs
             t += cm.allreduce(nbytes, len(union), allreduce_link(union))
         out.append(t)
     return out
+
+
+def group_memory(costs: Sequence[StageCost], groups: int) -> list[float]:
+    """Peak bytes per GPU of each stage's group: its chunks' memories added, the working peak once."""
+    per = [0.0] * groups
+    peak = [0.0] * groups
+    for s, c in enumerate(costs):
+        per[s % groups] += c.memory - c.work_peak
+        peak[s % groups] = max(peak[s % groups], c.work_peak)
+    return [per[s % groups] + peak[s % groups] for s in range(len(costs))]
 
 
 def simulate(plan: Plan, cm: CostModel) -> Simulation:
     """Simulate one training step of ``plan`` under the cost model."""
     costs = stage_costs(plan, cm)
     searched = objective(plan.schedule, plan.microbatches, costs)
-    costs = [replace(c, allreduce=a) for c, a in zip(costs, allreduce_times(
-        cm, [(st.start, st.end, st.replicas, st.devices) for st in plan.stages]))]
-    pipe, events = simulate_times([c.forward for c in costs], [c.backward for c in costs], plan.schedule,
-                                  plan.microbatches)
-    orders = stage_ops(plan.schedule, len(plan.stages), plan.microbatches)
-    held = [peak_in_flight(o) for o in orders]
-    memory = []
-    for i, (st, c) in enumerate(zip(plan.stages, costs)):
-        again = cm.stage_cost(st.start, st.end, st.replicas, plan.microbatches, None, "intra", held[i], st.checkpoint)
-        memory.append(again.memory)
-    for i, c in enumerate(costs):
-        if c.allreduce > 0:
-            events.append(Event(i, "AR", -1, pipe, pipe + c.allreduce))
-    step = pipe + max((c.allreduce for c in costs), default=0.0)
-    busy = [plan.microbatches * (c.forward + c.backward) + c.allreduce for c in costs]
-    return Simulation(step, pipe, searched, costs, memory, held, busy, events)
+    full = allreduce_times(cm, [(st.start, st.end, st.replicas, st.devices) for st in plan.stages])
+    bucket = bucket_bytes()
+    gather = 1.5 if plan.zero else 1.0  # ZeRO-1: the parameter all-gather after the step (costmodel.exposed_allreduce)
+    costs = [replace(c, allreduce_total=gather * a, allreduce=exposed_allreduce(
+        a, c.grad_seconds, float(cm.range_info(st.start, st.end).trainable_bytes), plan.zero, plan.allreduce_overlap,
+        bucket)) for c, a, st in zip(costs, full, plan.stages)]
+    p, v, M = plan.groups, plan.virtual_stages, plan.microbatches
+    events: list[Event] = []
+    zb = plan.schedule == "zb"
+    free, ends = _sweep([c.forward for c in costs], [c.backward for c in costs],
+                        [c.weight for c in costs] if zb else None, plan.schedule, M, v, events)
+    pipe = max(free) if free else 0.0
+    step = step_with_allreduce(pipe, last_gradient_ends(ends, plan.schedule), costs, p, plan.allreduce_overlap, events)
+    held = held_per_stage(plan)
+    memory = group_memory(costs, p)
+    group_busy = [0.0] * p
+    for s, c in enumerate(costs):
+        group_busy[s % p] += M * (c.forward + c.backward) + c.allreduce_total
+    busy = [group_busy[s % p] for s in range(len(costs))]
+    if plan.schedule not in SCHEDULES:  # interleaved / zb: no closed form, the simulation is their price
+        searched = step
+    return Simulation(step, pipe, searched, costs, memory, held, busy, events, cm.capacity)

@@ -25,10 +25,14 @@ from rannc_cli.fileio import atomic_path
 
 
 def plan_key(plan: Any) -> str:
-    """A plan's identity (boundaries, replicas, devices, schedule, microbatches, checkpointing) as text."""
-    schedule, microbatches, stages = plan.key()
-    return repr((schedule, int(microbatches), tuple((int(a), int(b), int(r), tuple(tuple(int(x) for x in d) for d in devs),
-                                                     bool(c)) for a, b, r, devs, c in stages)))
+    """A plan's identity (boundaries, replicas, devices, schedule, microbatches, checkpointing, chunks) as text."""
+    schedule, microbatches, stages = plan.key()[:3]
+    key = (schedule, int(microbatches), tuple((int(a), int(b), int(r), tuple(tuple(int(x) for x in d) for d in devs),
+                                               bool(c)) for a, b, r, devs, c in stages))
+    # zero and allreduce_overlap leave the shards' format as it is (single-device optimizer state):
+    # not part of the key; interleaving changes which rank holds which stage
+    v = int(getattr(plan, "virtual_stages", 1))
+    return repr(key if v == 1 else key + (v,))
 
 
 def _owner(engine: Any, tensor: torch.Tensor) -> int:

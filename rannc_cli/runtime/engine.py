@@ -153,7 +153,8 @@ class Engine:
         self.holders: dict[int, tuple[int, ...]] = {}  # id(tensor) -> ranks holding it
         self.local: list[nn.Parameter] = []
         self.freed: dict[int, tuple[nn.Parameter, torch.Size]] = {}
-        self.reducer: GradReducer | None = None
+        self.reducer: GradReducer | Any = None  # OverlapReducer with plan.allreduce_overlap
+        self.zero: Any = None  # ZeroSharding (runtime/zero.py) with plan.zero == 1
         self.groups: dict[tuple[int, ...], Any] = {}
         self.placeholder: nn.Parameter | None = None
         self.resume_from: str | None = None
@@ -253,18 +254,18 @@ class Engine:
                              hint="run the first forward in the mode you use most, or use a plan per mode")
         assignment = [i for i, st in enumerate(self.plan.stages) for _ in range(st.start, st.end)]
         stages = build_stages(bg, assignment)
-        role = self.layout.role(self.rank)
-        if role is not None and self.modes:
+        mine = [s for s, _ in self.layout.roles(self.rank)]  # one stage, or v with an interleaved plan
+        for s in mine if self.modes else []:
             known = {id(p) for p in self.local}
-            extra = [n for n, p in stages[role[0]].graph_module.named_parameters() if id(p) not in known]
+            extra = [n for n, p in stages[s].graph_module.named_parameters() if id(p) not in known]
             if extra:
-                raise RanncError(f"stage {role[0]} needs parameters in {'train' if training else 'eval'} mode that "
+                raise RanncError(f"stage {s} needs parameters in {'train' if training else 'eval'} mode that "
                                  f"it does not hold in the other mode ({extra[0]})", hint="please report this model")
         if training:
             self._batch_norm_note(stages)
-        if role is not None:
-            stages[role[0]].place(self.device)
-            self._batch_norm(stages[role[0]], training)
+        for s in mine:
+            stages[s].place(self.device)
+            self._batch_norm(stages[s], training)
         ex = Executor(bg, stages, self.layout, self.rank, self.device, self.plan.schedule, self.plan.microbatches,
                       [st.checkpoint for st in self.plan.stages], self.loss_reduction, self.rng_base)
         self.modes[training] = Mode(bg, stages, ex)
@@ -316,8 +317,11 @@ class Engine:
         if self.rank == 0 and not self.constraints.quiet:
             parts = " | ".join(f"{st.start}-{st.end - 1} x{st.replicas}{' ckpt' if st.checkpoint else ''}"
                                for st in self.plan.stages)
+            extras = "".join([f" v={self.plan.virtual_stages}" if self.plan.virtual_stages > 1 else "",
+                              ", ZeRO-1" if self.plan.zero else "",
+                              ", all-reduce overlapped" if self.plan.allreduce_overlap else ""])
             print(f"rannc: plan {len(self.plan.stages)} stage(s) [blocks {parts}], {self.plan.microbatches} "
-                  f"microbatch(es), {self.plan.schedule}, {self.world} process(es), {self.device.type}",
+                  f"microbatch(es), {self.plan.schedule}{extras}, {self.world} process(es), {self.device.type}",
                   file=sys.stderr, flush=True)
             if self.plan.devices_used < self.world:  # say why some processes get no work
                 why = self.plan.predicted.get("idle_reason") or "the plan file leaves them idle"
@@ -367,10 +371,21 @@ class Engine:
         for p in self.local:
             if p.requires_grad:
                 by_ranks.setdefault(self.holders[id(p)], []).append(p)
-        self.reducer = GradReducer(by_ranks, groups, self.rank)
+        if self.plan.allreduce_overlap:
+            from rannc_cli.config import settings
+            from rannc_cli.runtime.allreduce import OverlapReducer
+
+            bucket = int(float(settings.get("allreduce_bucket_mb")) * (1 << 20))
+            self.reducer = OverlapReducer(by_ranks, groups, self.rank, list(self.model.parameters()), bucket)
+        else:
+            self.reducer = GradReducer(by_ranks, groups, self.rank)
         if self.optimizer is not None:
             from rannc_cli.runtime.checkpoint import trim_optimizer
 
+            if self.plan.zero:
+                from rannc_cli.runtime.zero import ZeroSharding
+
+                self.zero = ZeroSharding(self, self.optimizer)  # before trimming: its state dicts build on ZeRO's
             trim_optimizer(self, self.optimizer)
             if not self.local:
                 # A rank without a stage steps an empty placeholder, so that GradScaler.step (which
@@ -412,7 +427,7 @@ class Engine:
         def step(_opt: Any, *a: Any, **kw: Any) -> Any:
             if engine.in_replay:
                 return None
-            out = base(*a, **kw)
+            out = engine.zero.step(base, a, kw) if engine.zero is not None else base(*a, **kw)
             if engine.stop_agreed:
                 engine.checkpoint_and_exit()
             return out
@@ -487,6 +502,8 @@ class Engine:
                   and values[i.placeholder].requires_grad]  # the same on every rank: the same batch
         mode.executor.input_grads = {name: torch.zeros_like(values[name], device=self.device) for name in wanted}
         try:
+            if train:  # this rank's stage modules: an OverlapReducer counts their gradient accumulations
+                self.reducer.arm([mode.stages[s] for s in mode.executor.my_stages], self.plan.microbatches)
             local = mode.executor.run(values, batch_size, train, seed, self.step)
             if train:
                 self.reducer.start()

@@ -1,11 +1,15 @@
-"""Run one stage replica's share of a training step: its schedule's forwards and backwards.
+"""Run one rank's share of a training step: its schedule's forwards and backwards, stage by stage.
 
     ex = Executor(bg, stages, layout, rank, device, "1f1b", microbatches=4, checkpoint=[False, True])
     local = ex.run(values, batch_size=32, train=True, seed_scale=1.0, step=7)
-    # parameter gradients of this rank's stage are now accumulated in .grad (not yet all-reduced);
+    # parameter gradients of this rank's stages are now accumulated in .grad (not yet all-reduced);
     # ``local`` is this rank's weighted share of the loss (0 on ranks not holding the loss)
+    ex.my_stages   # [1] -- or [1, 5] for rank 1 of an interleaved plan with 4 groups and v = 2
 
-The op order comes from rannc_cli.planner.schedules.stage_ops (1F1B or GPipe). For ``F(m)`` the
+The op order comes from rannc_cli.planner.schedules.rank_ops: one list of ``(kind, microbatch,
+stage)`` per device group (GPipe, 1F1B, interleaved 1F1B with v stages per rank, ZB-H1). A rank
+runs every stage of its group, always as the same replica index; values between two stages of
+the same rank are handed over locally (p2p.Mailbox). For ``F(m)`` the
 stage replica takes its slice of microbatch m: user inputs are sliced from the batch every rank
 holds, values made by earlier stages arrive from the replicas whose slices overlap its own (any
 earlier stage, not only the previous one), and its outputs leave the same way. ``B(m)`` receives
@@ -13,6 +17,12 @@ the gradients of its outputs (summed over consuming stages), runs autograd, and 
 gradients of its inputs back; user inputs named in ``input_grads`` (inputs that require grad)
 enter as leaves, and each slice's gradient is added into that buffer. The loss of slice (m, j) enters the total with weight n_mj / B
 (mean-reduced losses) or 1 (sum-reduced), so the total equals the full-batch loss.
+
+With ``zb`` (runtime/split_backward.py) ``B(m)`` computes only the gradients of the stage's inputs
+and sends them at once; ``W(m)`` later computes the parameter gradients from the kept graph and
+accumulates them into ``.grad`` (one accumulation per parameter and (stage, microbatch), as a
+plain backward does). A checkpointed stage under ``zb`` runs ``F`` without a graph and recomputes
+its forward once, at ``B``; the recomputed activations then live until ``W``.
 """
 
 from __future__ import annotations
@@ -27,10 +37,11 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 from rannc_cli.errors import RanncError
 from rannc_cli.graph.blocks import BlockGraph
 from rannc_cli.graph.stages import StageModule
-from rannc_cli.planner.schedules import stage_ops
+from rannc_cli.planner.schedules import rank_ops
 from rannc_cli.runtime.groups import Layout
 from rannc_cli.runtime.microbatch import Range, join, overlap, rows_per_sample, slice_ranges, sym_value, take
 from rannc_cli.runtime.p2p import Mailbox
+from rannc_cli.runtime.split_backward import split_backward
 
 _RANDOM_OPS = ("dropout", "bernoulli", "rand", "normal", "multinomial", "uniform", "exponential", "poisson")
 
@@ -74,8 +85,12 @@ class Executor:
         self.checkpoint = checkpoint
         self.loss_weighting = loss_weighting
         self.rng_base = rng_base
-        self.mailbox = Mailbox(device)
-        self.role = layout.role(rank)
+        self.mailbox = Mailbox(device, rank)
+        self.roles = layout.roles(rank)
+        self.my_stages = [s for s, _ in self.roles]  # the stages this rank runs, in model order
+        self.replica = dict(self.roles)  # stage -> this rank's replica index in it
+        self.role = self.roles[0] if self.roles else None
+        self._train_ops: list[tuple[str, int, int]] | None = None
         self.user_inputs = {i.placeholder: i for i in captured.inputs}
         self.producer: dict[str, int] = {}
         self.consumers: dict[str, list[int]] = {}
@@ -126,37 +141,56 @@ class Executor:
                                  hint="use a larger batch, fewer microbatches or a plan with fewer replicas")
 
     # ------------------------------------------------------------------ one step
+    def ops(self, train: bool) -> list[tuple[str, int, int]]:
+        """This rank's ops ``(kind, microbatch, stage)`` for one step (forwards only without training)."""
+        if not self.my_stages:
+            return []
+        if not train:
+            return [("F", m, s) for m in range(self.microbatches) for s in self.my_stages]
+        if self._train_ops is None:
+            group = self.my_stages[0] % self.layout.groups
+            self._train_ops = rank_ops(self.schedule, self.layout.groups, self.microbatches, self.layout.virtual)[group]
+        return self._train_ops
+
     def run(self, values: dict[str, Any], batch_size: int, train: bool, seed_scale: float = 1.0,
             step: int = 0) -> torch.Tensor:
         """Run this rank's ops for one step; return its weighted loss share (float64 scalar)."""
         self.check_batch(batch_size)
         local = torch.zeros((), dtype=torch.float64)
-        if self.role is None:
+        if not self.roles:
             return local
-        s, j = self.role
-        stage = self.stages[s]
-        n_stages = len(self.stages)
         ranges = [slice_ranges(batch_size, self.microbatches, len(r)) for r in self.layout.stage_ranks]
-        mine = [row[j] for row in ranges[s]]
-        ops = stage_ops(self.schedule, n_stages, self.microbatches)[s] if train else \
-            [("F", m) for m in range(self.microbatches)]
-        saved: dict[int, tuple[list[Any], tuple]] = {}
+        mine = {s: [row[j] for row in ranges[s]] for s, j in self.roles}
+        zb = self.schedule == "zb"
+        saved: dict[tuple[int, int], tuple[list[Any], tuple | None]] = {}  # (stage, microbatch) -> inputs, outputs
+        weights: dict[tuple[int, int], Any] = {}  # zb: (stage, microbatch) -> its pending W
         try:
-            for kind, m in ops:
+            for kind, m, s in self.ops(train):
+                stage = self.stages[s]
                 if kind == "F":
-                    inputs = [self._input(name, m, mine[m], ranges, values, train) for name in stage.input_names]
-                    with self._rng(s, m, step):
-                        outputs = self._forward(stage, inputs, train and self.checkpoint[s])
+                    inputs = [self._input(name, s, m, mine[s][m], ranges, values, train) for name in stage.input_names]
+                    recompute = train and zb and self.checkpoint[s]  # graph-free forward, rebuilt once at B
+                    with self._rng(s, m, step), (torch.no_grad() if recompute else contextlib.nullcontext()):
+                        outputs = self._forward(stage, inputs, train and self.checkpoint[s] and not zb)
                     for name, out in zip(stage.output_names, outputs):
                         if name == self.captured.loss_node:
-                            local += self._weight(mine[m], batch_size) * out.detach().to(torch.float64).cpu()
+                            local += self._weight(mine[s][m], batch_size) * out.detach().to(torch.float64).cpu()
                         else:
-                            self._send_forward(name, out, m, mine[m], ranges)
+                            self._send_forward(name, s, out, m, mine[s][m], ranges)
                     if train:
-                        saved[m] = (inputs, outputs)
+                        saved[(s, m)] = (inputs, None if recompute else outputs)
+                elif kind == "B":
+                    inputs, outputs = saved.pop((s, m))
+                    if not zb:
+                        self._backward(stage, inputs, outputs, m, mine[s][m], ranges, batch_size, seed_scale)
+                        continue
+                    if outputs is None:  # checkpointed: the forward again, with its graph this time
+                        with self._rng(s, m, step):
+                            outputs = self._recompute(stage, inputs)
+                    weights[(s, m)] = self._backward_input(stage, inputs, outputs, m, mine[s][m], ranges, batch_size,
+                                                           seed_scale)
                 else:
-                    inputs, outputs = saved.pop(m)
-                    self._backward(stage, inputs, outputs, m, mine[m], ranges, batch_size, seed_scale)
+                    weights.pop((s, m)).run()
         finally:
             self.mailbox.flush()
         return local
@@ -172,7 +206,7 @@ class Executor:
             return
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices, device_type=self.device.type):
-            seed = (self.rng_base * 1000003 + step * 7919 + m * 104729 + s * 131 + self.role[1]) % (2 ** 62)
+            seed = (self.rng_base * 1000003 + step * 7919 + m * 104729 + s * 131 + self.replica[s]) % (2 ** 62)
             torch.manual_seed(seed)
             yield
 
@@ -191,11 +225,18 @@ class Executor:
                     getattr(module, attr).copy_(value)
         return outputs
 
-    # ------------------------------------------------------------------ inputs and outputs
-    def _tag(self, v: Value, m: int, backward: bool) -> int:
-        return ((m * len(self.values) + v.vid) << 1) | int(backward)
+    @staticmethod
+    def _recompute(stage: StageModule, inputs: list[Any]) -> tuple:
+        """A checkpointed stage's forward again, with a graph, without updating buffers a second time."""
+        with torch.enable_grad():
+            return tuple(stage.graph_module(*inputs)[:len(stage.output_names)])
 
-    def _input(self, name: str, m: int, mine: Range, ranges: list, values: dict[str, Any], train: bool) -> Any:
+    # ------------------------------------------------------------------ inputs and outputs
+    def _tag(self, v: Value, m: int, backward: bool, consumer: int) -> int:
+        """Unique per (value, microbatch, consuming stage, direction): two consumers may share a rank."""
+        return (((m * len(self.values) + v.vid) * len(self.stages) + consumer) << 1) | int(backward)
+
+    def _input(self, name: str, s: int, m: int, mine: Range, ranges: list, values: dict[str, Any], train: bool) -> Any:
         v = self.values[name]
         if name in self.user_inputs:
             x = values[name]
@@ -214,8 +255,8 @@ class Executor:
         for i, their in enumerate(ranges[src_stage][m]):
             piece = self._piece(v, their, mine)
             if piece is not None:
-                parts.append(self.mailbox.recv(src_ranks[i], self._tag(v, m, False),
-                                               (v.vid, False, piece[1] - piece[0])))
+                parts.append(self.mailbox.recv(src_ranks[i], self._tag(v, m, False, s),
+                                               (v.vid, False, piece[1] - piece[0], s)))
         x = join(parts, v.batch_dim)
         if train and v.grad:
             x.requires_grad_(True)
@@ -227,7 +268,7 @@ class Executor:
             return consumer if producer == consumer else None
         return overlap(producer, consumer)
 
-    def _send_forward(self, name: str, out: Any, m: int, mine: Range, ranges: list) -> None:
+    def _send_forward(self, name: str, s: int, out: Any, m: int, mine: Range, ranges: list) -> None:
         v = self.values[name]
         if not v.is_tensor:
             return
@@ -236,10 +277,30 @@ class Executor:
                 piece = self._piece(v, mine, theirs)
                 if piece is not None:
                     self.mailbox.send(take(out, v.batch_dim, v.rows, mine, piece), self.layout.stage_ranks[t][k],
-                                      self._tag(v, m, False), (v.vid, False, piece[1] - piece[0]))
+                                      self._tag(v, m, False, t), (v.vid, False, piece[1] - piece[0], t))
 
     def _backward(self, stage: StageModule, inputs: list[Any], outputs: tuple, m: int, mine: Range, ranges: list,
                   batch_size: int, seed_scale: float) -> None:
+        """1F1B/GPipe 'B': one autograd pass for input and parameter gradients."""
+        tensors, grads = self._output_grads(stage, outputs, m, mine, ranges, batch_size, seed_scale)
+        if tensors:
+            torch.autograd.backward(tensors, grads)
+        self._hand_back(stage, inputs, [x.grad if isinstance(x, torch.Tensor) else None for x in inputs], m, mine,
+                        ranges)
+
+    def _backward_input(self, stage: StageModule, inputs: list[Any], outputs: tuple, m: int, mine: Range,
+                        ranges: list, batch_size: int, seed_scale: float) -> Any:
+        """ZB-H1 'B': input gradients only, sent at once; returns the pending 'W' (``.run()``)."""
+        tensors, grads = self._output_grads(stage, outputs, m, mine, ranges, batch_size, seed_scale)
+        params = [p for p in stage.graph_module.parameters() if p.requires_grad]
+        wanted = [x if isinstance(x, torch.Tensor) and x.requires_grad else None for x in inputs]
+        input_grads, weight = split_backward(tensors, grads, wanted, params)
+        self._hand_back(stage, inputs, input_grads, m, mine, ranges)
+        return weight
+
+    def _output_grads(self, stage: StageModule, outputs: tuple, m: int, mine: Range, ranges: list, batch_size: int,
+                      seed_scale: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The stage outputs that take part in the backward, and their gradients (received, or the loss seed)."""
         tensors, grads = [], []
         for name, out in zip(stage.output_names, outputs):
             v = self.values[name]
@@ -252,8 +313,8 @@ class Executor:
                     for k, theirs in enumerate(ranges[t][m]):
                         piece = self._piece(v, mine, theirs)
                         if piece is not None:
-                            parts.append(self.mailbox.recv(self.layout.stage_ranks[t][k], self._tag(v, m, True),
-                                                           (v.vid, True, piece[1] - piece[0])))
+                            parts.append(self.mailbox.recv(self.layout.stage_ranks[t][k], self._tag(v, m, True, t),
+                                                           (v.vid, True, piece[1] - piece[0], t)))
                     if parts:
                         part = join(parts, v.batch_dim)
                         g = part if g is None else g + part
@@ -262,21 +323,24 @@ class Executor:
             if g is not None and isinstance(out, torch.Tensor) and out.requires_grad:
                 tensors.append(out)
                 grads.append(g.to(out.dtype) if g.dtype != out.dtype else g)
-        if tensors:
-            torch.autograd.backward(tensors, grads)
-        for name, x in zip(stage.input_names, inputs):
+        return tensors, grads
+
+    def _hand_back(self, stage: StageModule, inputs: list[Any], input_grads: list[torch.Tensor | None], m: int,
+                   mine: Range, ranges: list) -> None:
+        """Add user inputs' gradients into ``input_grads``; send the other inputs' gradients to their producers."""
+        for name, x, xg in zip(stage.input_names, inputs, input_grads):
             v = self.values[name]
-            if name in self.input_grads and isinstance(x, torch.Tensor) and x.grad is not None:
+            if name in self.input_grads and isinstance(x, torch.Tensor) and xg is not None:
                 total = self.input_grads[name]
                 part = total if v.batch_dim is None else \
                     total.narrow(v.batch_dim, mine[0] * v.rows, (mine[1] - mine[0]) * v.rows)
-                part += x.grad.to(part.device, part.dtype)
+                part += xg.to(part.device, part.dtype)
             if name in self.user_inputs or not v.grad:
                 continue
-            g = x.grad if x.grad is not None else torch.zeros_like(x)
+            g = xg if xg is not None else torch.zeros_like(x)
             src_stage = self.producer[name]
             for i, their in enumerate(ranges[src_stage][m]):
                 piece = self._piece(v, their, mine)
                 if piece is not None:
                     self.mailbox.send(take(g, v.batch_dim, v.rows, mine, piece), self.layout.stage_ranks[src_stage][i],
-                                      self._tag(v, m, True), (v.vid, True, piece[1] - piece[0]))
+                                      self._tag(v, m, True, stage.index), (v.vid, True, piece[1] - piece[0], stage.index))

@@ -2,11 +2,14 @@
 
     layout = Layout.from_plan(plan, world_size=4, gpus_per_node=4)
     layout.role(2)                 # (1, 0): rank 2 runs replica 0 of stage 1
+    layout.roles(2)                # [(1, 0), (5, 0)] with an interleaved plan of 4 groups, v = 2
     groups = make_groups([(0, 1), (2, 3)], timeout)   # every rank calls this with the same sets
 
 A plan names devices as (node, gpu); the rank of a device is ``node * gpus_per_node + gpu``,
 the order in which torchrun, `rannc run`, Slurm and mpiexec number processes (one per GPU).
 Ranks the plan does not use hold no stage; they still take part in collectives on the world.
+With an interleaved plan (``virtual_stages`` v > 1) a rank of device group g runs stages g, g + p,
+..., g + (v - 1) p, always as the same replica index (the plan gives those stages one device list).
 """
 
 from __future__ import annotations
@@ -23,6 +26,12 @@ from rannc_cli.planner.plan import Plan
 class Layout:
     stage_ranks: list[list[int]]  # stage -> ranks, in replica order
     world_size: int
+    virtual: int = 1  # stages (chunks) per device group
+
+    @property
+    def groups(self) -> int:
+        """p: the number of device groups (stages per chunk)."""
+        return len(self.stage_ranks) // self.virtual
 
     @classmethod
     def from_plan(cls, plan: Plan, world_size: int, gpus_per_node: int) -> "Layout":
@@ -35,13 +44,16 @@ class Layout:
                                  f"has {world_size} processes ({gpus_per_node} per node)",
                                  hint="start as many processes as the plan's devices, or make a plan for this job")
             stage_ranks.append(ranks)
-        return cls(stage_ranks, world_size)
+        return cls(stage_ranks, world_size, int(getattr(plan, "virtual_stages", 1) or 1))
+
+    def roles(self, rank: int) -> list[tuple[int, int]]:
+        """Every (stage, replica) ``rank`` runs, by stage index (one, or v with an interleaved plan)."""
+        return [(s, ranks.index(rank)) for s, ranks in enumerate(self.stage_ranks) if rank in ranks]
 
     def role(self, rank: int) -> tuple[int, int] | None:
-        for s, ranks in enumerate(self.stage_ranks):
-            if rank in ranks:
-                return s, ranks.index(rank)
-        return None
+        """The first of ``roles(rank)``, None for a rank without a stage."""
+        mine = self.roles(rank)
+        return mine[0] if mine else None
 
     @property
     def used_ranks(self) -> list[int]:

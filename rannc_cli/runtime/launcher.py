@@ -65,7 +65,7 @@ def _pump(stream: IO[bytes], out: IO[str] | None, prefix: str, lock: threading.L
 def run_local(script: str | Path, script_args: list[str], nproc: int, stages: int | None = None,
               replicas: list[int] | None = None, microbatches: int | None = None, schedule: str | None = None,
               plan: str | Path | None = None, checkpoint: str | None = None, grace: float = 2.0,
-              log_dir: str | Path | None = None) -> int:
+              log_dir: str | Path | None = None, virtual_stages: int | None = None, zero: int | None = None) -> int:
     """Run ``script`` in ``nproc`` processes; return the exit code (see the module docstring)."""
     script = Path(script)
     require_file(script, "script", "pass the path of your training script")
@@ -74,7 +74,9 @@ def run_local(script: str | Path, script_args: list[str], nproc: int, stages: in
     from rannc_cli.config import Settings, settings
 
     for flag, name, value in (("--stages", "stages", stages), ("--microbatches", "microbatches", microbatches),
-                              ("--schedule", "schedule", schedule), ("--checkpoint", "checkpoint", checkpoint)):
+                              ("--schedule", "schedule", schedule), ("--checkpoint", "checkpoint", checkpoint),
+                              ("--virtual-stages", "virtual_stages", virtual_stages),
+                              ("--zero", "zero", None if zero is None else str(zero))):
         if value is not None:
             settings.check(name, value, flag)  # the registry's rule, before any worker starts
     if replicas is not None:
@@ -85,10 +87,13 @@ def run_local(script: str | Path, script_args: list[str], nproc: int, stages: in
             raise RanncError(f"--replicas {','.join(map(str, replicas))} use {sum(replicas)} processes, --nproc is "
                              f"{nproc}", hint=f"give replica counts that sum to {nproc}, or run with --nproc "
                                               f"{sum(replicas)}")
+    from rannc_cli.planner.forced import Forced
+
+    Forced(stages, None, microbatches, schedule, virtual=virtual_stages, zero=zero)  # contradicting flags: one line, here
     if stages is not None and not 1 <= stages <= nproc:
         raise RanncError(f"--stages {stages} must be between 1 and --nproc ({nproc})")
     if plan is not None:
-        _check_plan_file(Path(plan), nproc, stages, replicas, microbatches, schedule)
+        _check_plan_file(Path(plan), nproc, stages, replicas, microbatches, schedule, virtual_stages, zero)
 
     base = dict(os.environ)
     base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(nproc),
@@ -97,7 +102,8 @@ def run_local(script: str | Path, script_args: list[str], nproc: int, stages: in
     timeout = hang_timeout()
     for key, value in (("RANNC_STAGES", stages), ("RANNC_MICROBATCHES", microbatches),
                        ("RANNC_SCHEDULE", schedule), ("RANNC_PLAN", plan), ("RANNC_CHECKPOINT", checkpoint),
-                       ("RANNC_REPLICAS", ",".join(map(str, replicas)) if replicas else None)):
+                       ("RANNC_REPLICAS", ",".join(map(str, replicas)) if replicas else None),
+                       ("RANNC_VIRTUAL_STAGES", virtual_stages), ("RANNC_ZERO", zero)):
         if value is not None:
             base[key] = str(Path(value).resolve()) if key == "RANNC_PLAN" else str(value)
 
@@ -248,7 +254,8 @@ def blame(failures: list[tuple[int, int]], hung: tuple[int, float] | None, stopp
 
 
 def _check_plan_file(plan: Path, nproc: int, stages: int | None, replicas: list[int] | None,
-                     microbatches: int | None, schedule: str | None) -> None:
+                     microbatches: int | None, schedule: str | None, virtual_stages: int | None = None,
+                     zero: int | None = None) -> None:
     """Refuse, before any worker starts, a plan file for another shape or contradicting forced flags."""
     from rannc_cli.planner.forced import Forced
     from rannc_cli.planner.planfile import check_forced, check_shape, load_plan
@@ -260,7 +267,8 @@ def _check_plan_file(plan: Path, nproc: int, stages: int | None, replicas: list[
     if made.get("nodes") == 1 and made.get("gpus_per_node"):
         hint = f"run it with --nproc {made['gpus_per_node']}, or make a plan with `rannc plan --nodes 1 --gpus {nproc}`"
     check_shape(loaded, 1, nproc, str(plan), hint)
-    check_forced(loaded, Forced(stages, tuple(replicas) if replicas else None, microbatches, schedule), str(plan))
+    check_forced(loaded, Forced(stages, tuple(replicas) if replicas else None, microbatches, schedule,
+                                virtual=virtual_stages, zero=zero), str(plan))
 
 
 def _reap(procs: list[subprocess.Popen], timeout: float) -> None:

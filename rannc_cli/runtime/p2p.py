@@ -1,14 +1,16 @@
 """Point-to-point transfer of activations and gradients between ranks.
 
-    box = Mailbox(device)
-    box.send(tensor, dst=3, tag=tag, key=("h", 12, 4))     # asynchronous; box.flush() waits for all
-    x = box.recv(src=1, tag=tag, key=("h", 12, 4))         # blocks until the tensor arrived
+    box = Mailbox(device, rank=1)
+    box.send(tensor, dst=3, tag=tag, key=("h", 12, 4, 2))     # asynchronous; box.flush() waits for all
+    x = box.recv(src=1, tag=tag, key=("h", 12, 4, 2))         # blocks until the tensor arrived
 
 Shapes and dtypes are not known in advance (autocast changes dtypes), so the first message on a
-``key`` (peer, value, direction, slice size, autocast state) is preceded by a small header with
-dtype and shape; both sides remember the key and later messages carry only the payload. Tags
+``key`` (peer, value, direction, slice size, consuming stage, autocast state) is preceded by a
+small header with dtype and shape; both sides remember the key and later messages carry only the payload. Tags
 keep messages apart on gloo; NCCL matches by order, which the executor keeps identical on both
-sides (values in graph order, microbatches in schedule order).
+sides (values in graph order, microbatches in schedule order). A message to the own rank (two
+stages of one rank, as interleaved plans have) is handed over locally: ``send`` keeps the detached
+tensor under its tag, ``recv`` takes it; nothing goes through the process group.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ _HEADER = 12  # dtype, ndim, up to 10 dims
 class Mailbox:
     """Asynchronous sends and blocking receives with a per-key header cache (see the module docstring)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, rank: int | None = None):
         self.device = device
+        self.rank = dist.get_rank() if rank is None else rank
+        self.local: dict[int, torch.Tensor] = {}  # tag -> tensor sent to this rank itself
         self.known: set[Hashable] = set()  # keys whose header this rank has sent
         self.shapes: dict[Hashable, tuple[torch.dtype, tuple[int, ...]]] = {}  # keys whose header it received
         self.pending: list[tuple[Any, torch.Tensor]] = []
@@ -39,6 +43,11 @@ class Mailbox:
 
     def send(self, tensor: torch.Tensor, dst: int, tag: int, key: Hashable) -> None:
         tensor = tensor.detach()
+        if dst == self.rank:
+            if tag in self.local:
+                raise RuntimeError(f"internal error: a second local message with tag {tag}")
+            self.local[tag] = tensor
+            return
         if tensor.device != self.device:
             tensor = tensor.to(self.device)
         tensor = tensor.contiguous()
@@ -57,6 +66,10 @@ class Mailbox:
         self._prune()
 
     def recv(self, src: int, tag: int, key: Hashable) -> torch.Tensor:
+        if src == self.rank:
+            if tag not in self.local:
+                raise RuntimeError(f"internal error: no local message with tag {tag} (schedule order broken)")
+            return self.local.pop(tag)
         full_key = (src, key, self._amp())
         meta = self.shapes.get(full_key)
         if meta is None:
@@ -78,7 +91,8 @@ class Mailbox:
             self.pending = still
 
     def flush(self) -> None:
-        """Wait until every send has completed."""
+        """Wait until every send has completed; drop local messages nobody took (an aborted step)."""
         for work, _ in self.pending:
             work.wait()
         self.pending = []
+        self.local.clear()

@@ -31,6 +31,8 @@ class Constraints:
     replicas: list[int] | None = None
     microbatches: int | None = None
     schedule: str | None = None
+    virtual_stages: int | None = None  # v chunks per GPU group (interleaved)
+    zero: int | None = None  # ZeRO-1 on (1) or off (0)
     checkpoint: str = "auto"  # 'auto' (the plan's), 'on', 'off'
     quiet: bool = False  # no plan line on rank 0's stderr
     extra: dict[str, Any] = field(default_factory=dict)
@@ -50,6 +52,8 @@ class Constraints:
                   replicas=replicas,
                   microbatches=option("microbatches") or None,
                   schedule=option("schedule") or None,
+                  virtual_stages=option("virtual_stages") or None,
+                  zero=_zero_option(settings, overrides.pop("zero", None)),
                   checkpoint=str(option("checkpoint")),
                   quiet=bool(overrides.pop("quiet", False)))
         if out.replicas is not None:
@@ -61,10 +65,20 @@ class Constraints:
         return out
 
 
+def _zero_option(settings: Any, given: Any) -> int | None:
+    """RaNNCModule(zero=0|1) or the ``zero`` setting; None when neither forces it (0 is a choice, not unset)."""
+    value = str(settings.value("zero", None if given is None else str(int(given)), "RaNNCModule(zero={})"))
+    return None if value == "" else int(value)
+
+
 def even_plan(n_blocks: int, replicas: list[int], microbatches: int, batch_size: int, schedule: str = "1f1b",
               checkpoint: bool | list[bool] = False, bounds: list[int] | None = None, gpus_per_node: int = 1 << 20,
-              first_rank: int = 0) -> Plan:
-    """Stages of (nearly) equal block counts, or cut at ``bounds``; replicas on consecutive ranks."""
+              first_rank: int = 0, virtual: int = 1) -> Plan:
+    """Stages of (nearly) equal block counts, or cut at ``bounds``; replicas on consecutive ranks.
+    With ``virtual`` v > 1 (schedule 'interleaved') ``replicas`` names the p device groups and the
+    plan has p v stages, stage i on group i % p's devices."""
+    groups = len(replicas)
+    replicas = [replicas[i % groups] for i in range(groups * virtual)]
     n_stages = len(replicas)
     if bounds is None:
         if n_stages > n_blocks:
@@ -74,10 +88,14 @@ def even_plan(n_blocks: int, replicas: list[int], microbatches: int, batch_size:
     flags = checkpoint if isinstance(checkpoint, list) else [bool(checkpoint)] * n_stages
     stages, rank = [], first_rank
     for i in range(n_stages):
-        devs = [divmod(r, gpus_per_node) for r in range(rank, rank + replicas[i])]
-        rank += replicas[i]
+        if i >= groups:
+            devs = list(stages[i % groups].devices)
+        else:
+            devs = [divmod(r, gpus_per_node) for r in range(rank, rank + replicas[i])]
+            rank += replicas[i]
         stages.append(StagePlan(cuts[i], cuts[i + 1], replicas[i], devs, bool(flags[i])))
-    plan = Plan(schedule=schedule, microbatches=microbatches, batch_size=batch_size, stages=stages)
+    plan = Plan(schedule=schedule, microbatches=microbatches, batch_size=batch_size, stages=stages,
+                virtual_stages=virtual)
     plan.validate(n_blocks, None, "even plan")
     return plan
 
@@ -94,12 +112,14 @@ def _plan_from_spec(spec: Any, n_blocks: int, batch_size: int, world_size: int, 
         check_shape(plan, -(-world_size // max(1, gpus_per_node)), gpus_per_node, str(spec))
         if c is not None:
             check_forced(plan, Forced(c.stages, tuple(c.replicas) if c.replicas else None, c.microbatches,
-                                      c.schedule), str(spec))
+                                      c.schedule, virtual=c.virtual_stages, zero=c.zero), str(spec))
     elif isinstance(spec, dict):
         replicas = list(spec.get("replicas") or [world_size])
         plan = even_plan(n_blocks, replicas, int(spec.get("microbatches", 1)), batch_size,
                          str(spec.get("schedule", "1f1b")), spec.get("checkpoint", False), spec.get("bounds"),
-                         gpus_per_node)
+                         gpus_per_node, virtual=int(spec.get("virtual_stages", 1)))
+        plan.zero = int(spec.get("zero", 0))
+        plan.allreduce_overlap = bool(spec.get("allreduce_overlap", False))
     else:
         raise RanncError(f"plan= takes a plan file path, a Plan or a dict, not {type(spec).__name__}")
     if plan.stages[-1].end != n_blocks:
@@ -139,6 +159,7 @@ def _search_on_rank0(model: Any, args: tuple, kwargs: dict, n_blocks: int, batch
                                      gpu_model=torch.cuda.get_device_name(device) if device.type == "cuda" else "")
     report = make_plan(profile, cluster, batch_size=batch_size, stages=c.stages, replicas=c.replicas,
                        microbatches=c.microbatches, schedule=c.schedule, with_baselines=False,
+                       virtual_stages=c.virtual_stages, zero=c.zero,
                        checkpoint=None if c.checkpoint == "auto" else c.checkpoint, all_devices=True)
     return report.plan
 
