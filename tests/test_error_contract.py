@@ -331,7 +331,7 @@ def test_docs_table_lists_every_row():
 @pytest.mark.parametrize("option,message", [
     ({"checkpoint": "maybe"}, "RaNNCModule(checkpoint='maybe') is invalid: expected one of auto, on, off"),
     ({"replicas": [2, 0]}, "RaNNCModule(replicas=[2, 0]) is invalid: every count must be at least 1"),
-    ({"schedule": "zigzag"}, "RaNNCModule(schedule='zigzag') is invalid: expected one of 1f1b, gpipe"),
+    ({"schedule": "zigzag"}, "RaNNCModule(schedule='zigzag') is invalid: expected one of 1f1b, gpipe, interleaved, zb"),
     ({"microbatches": -1}, "RaNNCModule(microbatches=-1) is invalid: expected an integer >= 0"),
 ])
 def test_module_options_follow_the_settings_rules(option, message):
