@@ -22,6 +22,17 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 
+def _write_back(works: list[tuple[Any, torch.Tensor, list[torch.nn.Parameter]]]) -> None:
+    """Wait for each bucket's all-reduce and write its sums back into the parameters' ``.grad``."""
+    for work, flat, params in works:
+        work.wait()
+        for p, g in zip(params, _unflatten_dense_tensors(flat, [p for p in params])):
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.copy_(g)
+
+
 class GradReducer:
     def __init__(self, params_by_ranks: dict[tuple[int, ...], list[torch.nn.Parameter]], groups: dict[tuple, Any],
                  rank: int, bucket_bytes: int = 32 << 20):
@@ -56,13 +67,7 @@ class GradReducer:
             self._works.append((dist.all_reduce(flat, group=group, async_op=True), flat, params))
 
     def finish(self) -> None:
-        for work, flat, params in self._works:
-            work.wait()
-            for p, g in zip(params, _unflatten_dense_tensors(flat, [p for p in params])):
-                if p.grad is None:
-                    p.grad = g.clone()
-                else:
-                    p.grad.copy_(g)
+        _write_back(self._works)
         self._works = []
 
 
@@ -169,11 +174,5 @@ class OverlapReducer:
     def finish(self) -> None:
         self.start()
         self.armed = False
-        for work, flat, params in self._works:
-            work.wait()
-            for p, g in zip(params, _unflatten_dense_tensors(flat, [p for p in params])):
-                if p.grad is None:
-                    p.grad = g.clone()
-                else:
-                    p.grad.copy_(g)
+        _write_back(self._works)
         self._works = []
