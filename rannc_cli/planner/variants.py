@@ -8,7 +8,8 @@ structures (replica counts, placement, microbatch count) under them, each with b
 settings (unless forced), with the simulator (simulate.py), which ranks everything in the end anyway:
 
 - ``zb``: the same stages, with the backward split in B and W.
-- ``interleaved`` with v = 2..4 chunks per group: the p groups of the structure each get v chunks
+- ``interleaved`` with v = 2..4 chunks per group (p >= 2 groups, unless ``--virtual-stages`` forces
+  it: one group has no bubble to cut): the p groups of the structure each get v chunks
   (S = p v stages, stage i on group i % p); the chunk boundaries come from the exact chain DP of
   refine.py over the blocks (sum of chunk times + (M - 1) x the slowest chunk + the exposed
   all-reduce, each chunk under 1/v of the GPU's memory so a group's chunks fit together). Tried
@@ -106,6 +107,8 @@ def schedule_variants(cm: CostModel, refiner: Refiner, ranked: list[tuple[Plan, 
 def _interleaved(cm: CostModel, base: Candidate, forced, microbatches: list[int], units: int) -> list[Candidate]:
     """Interleaved structures of ``base``'s p groups: v chunks each (boundaries still to place)."""
     p = len(base.stages)
+    if p < 2 and forced.virtual is None:  # one group has no bubble to cut: chunks would only add cuts
+        return []
     vs = [forced.virtual] if forced.virtual is not None else list(VIRTUAL)
     ms = [base.microbatches]
     if forced.microbatches is None:
