@@ -26,7 +26,6 @@ the outputs restricted to such parameters.
 from __future__ import annotations
 
 import collections
-from typing import Any
 
 import torch
 from torch.autograd.graph import GradientEdge, Node
