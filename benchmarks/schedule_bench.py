@@ -98,9 +98,12 @@ def _cuts(args, stages: int) -> list[int]:
     return [round(i * args.layers / stages) for i in range(1, stages)]
 
 
-def _one_thread() -> None:
+def _one_thread(pin: bool) -> None:
     import torch
 
+    if pin and hasattr(os, "sched_setaffinity"):
+        cpus = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cpus[int(os.environ["RANK"]) % len(cpus)]})  # rank r on its own core
     torch.set_num_threads(1)
     torch.set_num_interop_threads(1)
 
@@ -261,7 +264,7 @@ def _spawn(role: str, args) -> dict:
 
 def _predictions(args, bounds: dict[str, list[int]]) -> dict[str, float | None]:
     """Simulated step of each rannc plan, or None where the simulator cannot price its schedule."""
-    _one_thread()
+    _one_thread(False)
     from rannc_cli.planner.cluster import ClusterSpec, Link
     from rannc_cli.planner.costmodel import CostModel
     from rannc_cli.planner.simulate import simulate
@@ -316,12 +319,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", default=",".join(ROLES) + ",predict", help="comma list of roles (and 'predict')")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--no-pin", dest="pin", action="store_false",
+                        help="let the OS place the ranks (default: rank r pinned to core r, so two ranks never share "
+                             "a core while the other idles, which made wall times bimodal)")
     args = parser.parse_args()
     args.passthrough = [f"--nproc={args.nproc}", f"--d={args.d}", f"--hidden={args.hidden}", f"--seq={args.seq}",
                         f"--layers={args.layers}", f"--batch={args.batch}", f"--microbatches={args.microbatches}",
-                        f"--steps={args.steps}", f"--warmup={args.warmup}"]
+                        f"--steps={args.steps}", f"--warmup={args.warmup}", *([] if args.pin else ["--no-pin"])]
     if args.role:
-        _one_thread()
+        _one_thread(args.pin)
         print("RESULT " + json.dumps(globals()[f"role_{args.role}"](args)), flush=True)
         return
     wanted = args.only.split(",")
@@ -329,7 +335,7 @@ def main() -> None:
     print(f"load before: {before}", flush=True)
     print(f"model: {args.layers} pre-norm blocks d {args.d}, MLP {args.hidden}, seq {args.seq}, batch {args.batch}, "
           f"{args.microbatches} microbatches, {args.nproc} ranks, {args.steps} timed steps after {args.warmup}, "
-          f"{args.rounds} rounds, 1 thread per process", flush=True)
+          f"{args.rounds} rounds, 1 thread per process{', rank r pinned to core r' if args.pin else ''}", flush=True)
     samples: dict[str, list[float]] = {r: [] for r in ROLES if r in wanted}
     cpu: dict[str, list[float]] = {r: [] for r in samples}
     bounds: dict[str, list[int]] = {}
