@@ -31,6 +31,32 @@ from rannc_cli.planner.simulate import allreduce_times, makespan
 from rannc_cli.planner.search import INF, Candidate, _branch_and_bound, _State, unit_ranges
 
 
+def _range_arrays(cm: CostModel, bounds: list[int], sh: int, zb: bool) -> tuple[np.ndarray, ...]:
+    """(forward, backward, recompute, activation, W share, peak) of every unit range at shard ``sh``,
+    arrays (start unit, end unit); memoised on ``cm`` (every chain of a refinement shares them)."""
+    cache = cm.__dict__.setdefault("_chain_ranges", {})
+    key = (tuple(bounds), sh, zb)
+    if key not in cache:
+        U = len(bounds) - 1
+        fwd, bwd, rec, act, peak = cm.block_arrays(sh)
+        bidx = np.array(bounds)
+
+        def rng(x: np.ndarray) -> np.ndarray:
+            cs = np.concatenate([[0.0], np.cumsum(x)])[bidx]
+            return cs[None, :] - cs[:, None]
+
+        f, b, rc, a = rng(fwd), rng(bwd), rng(rec), rng(act)
+        wt = rng(bwd * cm.weight_share()) if zb else np.zeros_like(b)
+        unit_peak = np.array([peak[bounds[u]:bounds[u + 1]].max() for u in range(U)])
+        pk = np.zeros((U + 1, U + 1))
+        for s0 in range(U):
+            pk[s0, s0 + 1:] = np.maximum.accumulate(unit_peak[s0:])
+        for x in (f, b, rc, a, wt, pk):
+            x.flags.writeable = False
+        cache[key] = (f, b, rc, a, wt, pk)
+    return cache[key]
+
+
 class _Chain:
     """Stage options of a fixed stage structure over ``bounds``: arrays (stage, start unit, end unit)."""
 
@@ -57,8 +83,6 @@ class _Chain:
         held = _held(self.schedule, S, self.m, self.virtual)
         capacity = cm.capacity / self.virtual  # a group's v chunks share its GPUs (each gets 1/v: conservative)
         bucket = bucket_bytes()
-        wshare = cm.weight_share()
-        bidx = np.array(bounds)
         tri = np.triu(np.ones((U + 1, U + 1), dtype=bool), 1)
         links = cl.links
         prev = None
@@ -68,18 +92,7 @@ class _Chain:
             prev = devs
             static = P + T * (1.0 + (cm.opt_factor / r if self.zero else cm.opt_factor))
             sh = cm.shard(self.m, r)
-            fwd, bwd, rec, act, peak = cm.block_arrays(sh)
-
-            def rng(x: np.ndarray) -> np.ndarray:
-                cs = np.concatenate([[0.0], np.cumsum(x)])[bidx]
-                return cs[None, :] - cs[:, None]
-
-            f, b, rc, a = rng(fwd), rng(bwd), rng(rec), rng(act)
-            wt = rng(bwd * wshare) if self.schedule == "zb" else np.zeros_like(b)
-            unit_peak = np.array([peak[bounds[u]:bounds[u + 1]].max() for u in range(U)])
-            pk = np.zeros((U + 1, U + 1))
-            for s0 in range(U):
-                pk[s0, s0 + 1:] = np.maximum.accumulate(unit_peak[s0:])
+            f, b, rc, a, wt, pk = _range_arrays(cm, bounds, sh, self.schedule == "zb")
             in_b = IFX + IPS * sh
             g_b = GFX + GPS * sh
             if lin is None:
