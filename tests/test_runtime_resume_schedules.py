@@ -26,7 +26,8 @@ def S(replicas, microbatches, schedule, virtual=1, checkpoint=False):
 CASES = [
     {"id": "il_mlp_11_v2_m3", "model": "example_mlp", "options": S([1, 1], 3, "interleaved", 2)},
     {"id": "il_mlp_2_v2_m2", "model": "example_mlp", "options": S([2], 2, "interleaved", 2)},
-    {"id": "il_mlp_2_v4_m2", "model": "example_mlp", "options": S([2], 2, "interleaved", 4)},
+    # the plan the planner had picked for the PBS resume test: one group of 2, v = 4, 1 microbatch
+    {"id": "il_mlp_2_v4_m1", "model": "example_mlp", "options": S([2], 1, "interleaved", 4)},
     {"id": "zb_mlp_11_m3", "model": "example_mlp", "options": S([1, 1], 3, "zb")},
 ]
 for _case in CASES:
