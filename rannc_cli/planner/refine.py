@@ -31,6 +31,32 @@ from rannc_cli.planner.simulate import allreduce_times, makespan
 from rannc_cli.planner.search import INF, Candidate, _branch_and_bound, _State, unit_ranges
 
 
+def _range_arrays(cm: CostModel, bounds: list[int], sh: int, zb: bool) -> tuple[np.ndarray, ...]:
+    """(forward, backward, recompute, activation, W share, peak) of every unit range at shard ``sh``,
+    arrays (start unit, end unit); memoised on ``cm`` (every chain of a refinement shares them)."""
+    cache = cm.__dict__.setdefault("_chain_ranges", {})
+    key = (tuple(bounds), sh, zb)
+    if key not in cache:
+        U = len(bounds) - 1
+        fwd, bwd, rec, act, peak = cm.block_arrays(sh)
+        bidx = np.array(bounds)
+
+        def rng(x: np.ndarray) -> np.ndarray:
+            cs = np.concatenate([[0.0], np.cumsum(x)])[bidx]
+            return cs[None, :] - cs[:, None]
+
+        f, b, rc, a = rng(fwd), rng(bwd), rng(rec), rng(act)
+        wt = rng(bwd * cm.weight_share()) if zb else np.zeros_like(b)
+        unit_peak = np.array([peak[bounds[u]:bounds[u + 1]].max() for u in range(U)])
+        pk = np.zeros((U + 1, U + 1))
+        for s0 in range(U):
+            pk[s0, s0 + 1:] = np.maximum.accumulate(unit_peak[s0:])
+        for x in (f, b, rc, a, wt, pk):
+            x.flags.writeable = False
+        cache[key] = (f, b, rc, a, wt, pk)
+    return cache[key]
+
+
 class _Chain:
     """Stage options of a fixed stage structure over ``bounds``: arrays (stage, start unit, end unit)."""
 
@@ -57,44 +83,35 @@ class _Chain:
         held = _held(self.schedule, S, self.m, self.virtual)
         capacity = cm.capacity / self.virtual  # a group's v chunks share its GPUs (each gets 1/v: conservative)
         bucket = bucket_bytes()
-        wshare = cm.weight_share()
-        bidx = np.array(bounds)
         tri = np.triu(np.ones((U + 1, U + 1), dtype=bool), 1)
         links = cl.links
         prev = None
+        per: dict[tuple, tuple] = {}
         for s, (r, start) in enumerate(zip(self.reps, self.starts)):
             devs = devices(start, r, g)
             lin = None if prev == devs else link_in(prev, devs)  # chunks on the same GPUs hand over locally
             prev = devs
-            static = P + T * (1.0 + (cm.opt_factor / r if self.zero else cm.opt_factor))
-            sh = cm.shard(self.m, r)
-            fwd, bwd, rec, act, peak = cm.block_arrays(sh)
-
-            def rng(x: np.ndarray) -> np.ndarray:
-                cs = np.concatenate([[0.0], np.cumsum(x)])[bidx]
-                return cs[None, :] - cs[:, None]
-
-            f, b, rc, a = rng(fwd), rng(bwd), rng(rec), rng(act)
-            wt = rng(bwd * wshare) if self.schedule == "zb" else np.zeros_like(b)
-            unit_peak = np.array([peak[bounds[u]:bounds[u + 1]].max() for u in range(U)])
-            pk = np.zeros((U + 1, U + 1))
-            for s0 in range(U):
-                pk[s0, s0 + 1:] = np.maximum.accumulate(unit_peak[s0:])
-            in_b = IFX + IPS * sh
-            g_b = GFX + GPS * sh
-            if lin is None:
-                cf = np.zeros_like(in_b)
-                cb = np.zeros_like(g_b)
-            else:
-                lk = links["intra_node" if lin == "intra" else "inter_node"]
-                cf = np.where(in_b > 0, lk.latency + in_b / lk.bandwidth, 0.0)
-                cb = np.where(g_b > 0, lk.latency + g_b / lk.bandwidth, 0.0)
-            if r > 1:
-                ar_link = links["allreduce_intra"] if r <= g else links["allreduce_inter"]
-                ar = np.where(T > 0, 2.0 * (r - 1) / r * T / ar_link.bandwidth + 2.0 * (r - 1) * ar_link.latency, 0.0)
-            else:
-                ar = np.zeros_like(T)
-            ar = exposed_allreduce(ar, wt if self.schedule == "zb" else b, T, self.zero, self.overlap, bucket)
+            if (r, lin) not in per:  # what does not depend on the stage's in-flight count
+                static = P + T * (1.0 + (cm.opt_factor / r if self.zero else cm.opt_factor))
+                sh = cm.shard(self.m, r)
+                f, b, rc, a, wt, pk = _range_arrays(cm, bounds, sh, self.schedule == "zb")
+                in_b = IFX + IPS * sh
+                g_b = GFX + GPS * sh
+                if lin is None:
+                    cf = np.zeros_like(in_b)
+                    cb = np.zeros_like(g_b)
+                else:
+                    lk = links["intra_node" if lin == "intra" else "inter_node"]
+                    cf = np.where(in_b > 0, lk.latency + in_b / lk.bandwidth, 0.0)
+                    cb = np.where(g_b > 0, lk.latency + g_b / lk.bandwidth, 0.0)
+                if r > 1:
+                    ar_link = links["allreduce_intra"] if r <= g else links["allreduce_inter"]
+                    ar = np.where(T > 0, 2.0 * (r - 1) / r * T / ar_link.bandwidth + 2.0 * (r - 1) * ar_link.latency, 0.0)
+                else:
+                    ar = np.zeros_like(T)
+                ar = exposed_allreduce(ar, wt if self.schedule == "zb" else b, T, self.zero, self.overlap, bucket)
+                per[(r, lin)] = (static, in_b, a, pk, f + cf, b + cb, rc + cb, wt, ar, b)
+            static, in_b, a, pk, fcf, bcb, rccb, wt, ar, b = per[(r, lin)]
             k = held[s]
             plain = (static + k * (a + in_b) + pk <= capacity) & tri
             ck = ~plain & (static + k * in_b + a + pk <= capacity) & tri
@@ -102,8 +119,8 @@ class _Chain:
                 plain, ck = np.zeros_like(plain), (static + k * in_b + a + pk <= capacity) & tri
             elif checkpoint == "off":
                 ck = np.zeros_like(ck)
-            self.FW[s] = np.where(plain | ck, f + cf, INF)
-            self.BW[s] = np.where(plain, b + cb, np.where(ck, rc + cb, INF))
+            self.FW[s] = np.where(plain | ck, fcf, INF)
+            self.BW[s] = np.where(plain, bcb, np.where(ck, rccb, INF))
             self.CK[s] = ck
             self.WT[s] = np.where(plain | ck, wt, INF)
             self.GR[s] = wt if self.schedule == "zb" else b

@@ -300,42 +300,58 @@ class _Tables:
             F[0, 0, self.S] = 0.0
         else:
             F[0, 0, 1:] = 0.0
-        ch = np.full((U + 1, D + 1, J + 1, P, 5), -1, dtype=np.int32)  # a, prev d, ri, prev j, start device
+        # a, prev d, ri, prev j, start device; only entries of finite states are written and read back
+        ch = np.empty((U + 1, D + 1, J + 1, P, 5), dtype=np.int32)
         Fmin = np.full((U + 1, D + 1, J + 1), INF)  # least over p: what a stage after an open boundary sees
         Farg = np.zeros((U + 1, D + 1, J + 1), dtype=np.int32)
         Fmin[0] = F[0].min(-1)
+        # Pruning that cannot change the result: a start unit a or a device count d whose states are
+        # all infinite (or whose stage options are) gives only infinite candidates, which never
+        # update F; the kept rows stay in order, so argmin picks the same first minimum.
+        alive = np.zeros((U + 1, D + 1), dtype=bool)  # alive[a, d]: some F[a, d, j >= 1, p] is finite
+        alive[0] = np.isfinite(Fmin[0, :, 1:]).any(-1)
         op = np.add if combine == "sum" else np.maximum
         for e in range(1, U + 1):
             pinned = P > 1 and bool(blk[:e].any())
+            fin_e = np.isfinite(value[:e, e])  # (e, nR, 3, J)
             for ri, r in enumerate(self.R):
                 p = ri if P > 1 else 0
-                Fe = np.where(blk[:e, None, None], F[:e, :, :, p], Fmin[:e]) if pinned else Fmin[:e]
                 Fp, cp = F[:, :, :, p], ch[:, :, :, p]
                 d_at, link_at, skip_nodes = self._place[ri]
-                cost_e = value[:e, e, ri]  # (e, 3, J)
-                if not np.isfinite(cost_e).any():
+                rows = np.nonzero(fin_e[:, ri].any((1, 2)) & alive[:e].any(1))[0]
+                if not rows.size:
                     continue
+                cost_e = value[rows, e, ri]  # (n_rows, 3, J)
+                Fe = np.where(blk[rows, None, None], F[rows, :, :, p], Fmin[rows]) if pinned else Fmin[rows]
+                al = alive[rows]
                 if d_at.size:
-                    sel = cost_e[:, link_at, :]  # (e, nd, J)
-                    sel[0] = cost_e[0, 0][None, :]
-                    cand = op(Fe[:, d_at, 1:], sel)
-                    a_best = cand.argmin(0)
-                    v_best = np.take_along_axis(cand, a_best[None], 0)[0]  # (nd, J); one pass, not argmin + min
-                    self._update(Fp, cp, e, d_at + r, v_best, a_best, d_at, ri, d_at)
+                    keep = al[:, d_at].any(0)
+                    dk, lk_ = d_at[keep], link_at[keep]
+                    if dk.size:
+                        sel = cost_e[:, lk_, :]  # (n_rows, nd, J)
+                        if rows[0] == 0:
+                            sel[0] = cost_e[0, 0][None, :]
+                        cand = op(Fe[:, dk, 1:], sel)
+                        ai = cand.argmin(0)
+                        v_best = np.take_along_axis(cand, ai[None], 0)[0]  # (nd, J); one pass, not argmin + min
+                        self._update(Fp, cp, e, dk + r, v_best, rows[ai], dk, ri, dk)
                 if skip_nodes.size and e > 1 and not self.all_devices:
-                    base = Fe[1:, : nodes * G].reshape(e - 1, nodes, G, J + 1)[:, skip_nodes, 1:, 1:]  # (e-1, k, G-1, J)
+                    sub = rows >= 1
+                    rs = rows[sub]
+                    base = Fe[sub, : nodes * G].reshape(len(rs), nodes, G, J + 1)[:, skip_nodes, 1:, 1:]  # (n, k, G-1, J)
                     if base.size:
-                        cand = op(base, cost_e[1:, 2][:, None, None, :])
+                        cand = op(base, cost_e[sub, 2][:, None, None, :])
                         k = len(skip_nodes)
-                        flat = cand.transpose(1, 3, 0, 2).reshape(k, J, (e - 1) * (G - 1))
+                        flat = cand.transpose(1, 3, 0, 2).reshape(k, J, len(rs) * (G - 1))
                         idx = flat.argmin(-1)
                         v_best = np.take_along_axis(flat, idx[..., None], -1)[..., 0]  # (k, J)
-                        a_best = idx // (G - 1) + 1
+                        a_best = rs[idx // (G - 1)]
                         d_prev = skip_nodes[:, None] * G + idx % (G - 1) + 1
                         start = (skip_nodes + 1) * G
                         self._update(Fp, cp, e, start + r, v_best, a_best, d_prev, ri, start)
             Farg[e] = F[e].argmin(-1)
             Fmin[e] = np.take_along_axis(F[e], Farg[e][..., None], -1)[..., 0]
+            alive[e] = np.isfinite(Fmin[e, :, 1:]).any(-1)
         finals = Fmin[U, :, 0]
         if self.all_devices:
             finals = np.where(np.arange(D + 1) == D, finals, INF)
