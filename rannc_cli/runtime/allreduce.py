@@ -26,7 +26,7 @@ def _write_back(works: list[tuple[Any, torch.Tensor, list[torch.nn.Parameter]]])
     """Wait for each bucket's all-reduce and write its sums back into the parameters' ``.grad``."""
     for work, flat, params in works:
         work.wait()
-        for p, g in zip(params, _unflatten_dense_tensors(flat, [p for p in params])):
+        for p, g in zip(params, _unflatten_dense_tensors(flat, params)):
             if p.grad is None:
                 p.grad = g.clone()
             else:
