@@ -160,7 +160,7 @@ def _cuda_times(run: BlockRun, repeats: int, budget_seconds: float, hint: float)
     for _ in range(max(1, repeats)):
         f, outs = timed(run.forward)
         grad_outputs = run.grad_outputs(outs)
-        b, _ = timed(lambda: run.backward(outs, grad_outputs))
+        b, _ = timed(lambda outs=outs: run.backward(outs, grad_outputs))
         del outs
         fwd.append(f)
         bwd.append(b)
