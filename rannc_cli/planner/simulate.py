@@ -76,47 +76,87 @@ def _orders(schedule: str, groups: int, microbatches: int, virtual: int) -> list
     return _RANK_ORDERS[key]
 
 
+_PROGRAMS: dict[tuple[str, int, int, int], tuple] = {}
+
+
+def _program(schedule: str, stages: int, microbatches: int, virtual: int) -> tuple:
+    """The groups' op lists flattened into one order in which every op comes after the ops it
+    waits for (the order a greedy sweep over the groups reaches them; it does not depend on the
+    durations), cached: ``(prog, meta, last)`` with ``prog[i] = (data op, previous op of the
+    group, duration slot)`` as 1-based op indices (0: no such op, time 0), duration slot
+    ``kind * S + stage``, ``meta[i] = (kind, microbatch, stage, group)`` and ``last[g]`` the index
+    of group g's last op (0 for none)."""
+    key = (schedule, stages, microbatches, virtual)
+    if key not in _PROGRAMS:
+        S, M = stages, microbatches
+        p = S // virtual
+        orders = _orders(schedule, p, M, virtual)
+        idx = [[[0] * M for _ in range(S)] for _ in range(3)]  # op index of (kind, stage, microbatch); 0: not yet
+        fi, bi, wi = idx
+        prog: list[tuple[int, int, int]] = []
+        meta: list[tuple[int, int, int, int]] = []
+        ptr = [0] * p
+        last = [0] * p
+        remaining = sum(len(o) for o in orders)
+        while remaining:
+            progressed = False
+            for g in range(p):
+                ops, q = orders[g], ptr[g]
+                while q < len(ops):
+                    k, m, s = ops[q]
+                    if k == 0:
+                        d, ready = (fi[s - 1][m], fi[s - 1][m] > 0) if s > 0 else (0, True)
+                    elif k == 1:
+                        d = bi[s + 1][m] if s < S - 1 else fi[s][m]
+                        ready = d > 0
+                    else:
+                        d = bi[s][m]
+                        ready = d > 0
+                    if not ready:
+                        break
+                    prog.append((d, last[g], k * S + s))
+                    meta.append((k, m, s, g))
+                    last[g] = len(prog)
+                    idx[k][s][m] = len(prog)
+                    q += 1
+                if q != ptr[g]:
+                    progressed = True
+                    remaining -= q - ptr[g]
+                    ptr[g] = q
+            if not progressed:  # pragma: no cover - the schedules never deadlock
+                raise RuntimeError(f"schedule {schedule} deadlocked")
+        _PROGRAMS[key] = (prog, meta, last)
+    return _PROGRAMS[key]
+
+
 def _sweep(forward: Sequence[float], backward: Sequence[float], weight: Sequence[float] | None, schedule: str,
-           microbatches: int, virtual: int, events: list | None) -> tuple[list[float], list[list[float]]]:
-    """Greedy sweep over the groups' op lists; returns each group's end and each stage's op ends
-    [F ends, B ends, W ends] per microbatch. With ``weight`` (zb) B takes backward - weight, W weight."""
+           microbatches: int, virtual: int, events: list | None) -> tuple[list[float], list[list[float]] | None]:
+    """Greedy sweep over the groups' op lists; returns each group's end and (with ``events``) each
+    stage's op ends [F ends, B ends, W ends] per microbatch. With ``weight`` (zb) B takes
+    backward - weight, W weight. Each op starts at the later of its data's arrival and its
+    group's previous op's end (``_program`` gives the order)."""
     S, M = len(forward), microbatches
-    p = S // virtual
-    orders = _orders(schedule, p, M, virtual)
-    ends = [[[-1.0] * M for _ in range(S)] for _ in range(3)]
-    fe, be, we = ends
+    prog, meta, last = _program(schedule, S, M, virtual)
     bdur = [b - w for b, w in zip(backward, weight)] if weight is not None else list(backward)
-    dur = (list(forward), bdur, list(weight) if weight is not None else [0.0] * S)
-    ptr = [0] * p
-    free = [0.0] * p
-    remaining = sum(len(o) for o in orders)
-    while remaining:
-        progressed = False
-        for g in range(p):
-            ops, q, t = orders[g], ptr[g], free[g]
-            while q < len(ops):
-                k, m, s = ops[q]
-                if k == 0:
-                    d = fe[s - 1][m] if s > 0 else 0.0
-                elif k == 1:
-                    d = be[s + 1][m] if s < S - 1 else fe[s][m]
-                else:
-                    d = be[s][m]
-                if d < 0:
-                    break
-                st = d if d > t else t
-                t = st + dur[k][s]
-                ends[k][s][m] = t
-                if events is not None:
-                    events.append(Event(s, "FBW"[k], m, st, t, g))
-                q += 1
-            if q != ptr[g]:
-                progressed = True
-                remaining -= q - ptr[g]
-                ptr[g], free[g] = q, t
-        if not progressed:  # pragma: no cover - the schedules never deadlock
-            raise RuntimeError(f"schedule {schedule} deadlocked")
-    return free, ends
+    dur = [*forward, *bdur, *(weight if weight is not None else [0.0] * S)]
+    t = [0.0]
+    app = t.append
+    if events is None:
+        for a, b, c in prog:
+            x = t[a]
+            y = t[b]
+            app((x if x > y else y) + dur[c])
+        return [t[i] for i in last], None
+    ends = [[[-1.0] * M for _ in range(S)] for _ in range(3)]
+    for (a, b, c), (k, m, s, g) in zip(prog, meta):
+        x = t[a]
+        y = t[b]
+        st = x if x > y else y
+        end = st + dur[c]
+        app(end)
+        ends[k][s][m] = end
+        events.append(Event(s, "FBW"[k], m, st, end, g))
+    return [t[i] for i in last], ends
 
 
 def simulate_times(forward: list[float], backward: list[float], schedule: str, microbatches: int,
