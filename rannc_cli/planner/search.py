@@ -348,16 +348,20 @@ class _Tables:
                     sub = np.nonzero(rows >= 1)[0]
                     rs = rows[sub]
                     dd = skip_nodes[:, None] * G + np.arange(1, G)[None, :]  # (k, G-1): a gap up to the next node
+                    # only nodes where some row has a live state at a gap offset (the others give
+                    # only infinite candidates: the same pruning as above)
+                    live = al[sub[:, None, None], dd[None]].any((0, 2)) if sub.size else np.zeros(0, dtype=bool)
+                    skips, dd = skip_nodes[live], dd[live]
                     base = Fe(sub[:, None, None], dd[None])  # (n, k, G-1, J)
                     if base.size:
                         cand = op(base, cost_e[sub, 2][:, None, None, :])
-                        k = len(skip_nodes)
+                        k = len(skips)
                         flat = cand.transpose(1, 3, 0, 2).reshape(k, J, len(rs) * (G - 1))
                         idx = flat.argmin(-1)
                         v_best = _take_last(flat, idx)  # (k, J)
                         a_best = rs[idx // (G - 1)]
-                        d_prev = skip_nodes[:, None] * G + idx % (G - 1) + 1
-                        start = (skip_nodes + 1) * G
+                        d_prev = skips[:, None] * G + idx % (G - 1) + 1
+                        start = (skips + 1) * G
                         self._update(Fp, cp, e, start + r, v_best, a_best, d_prev, ri, start)
             if P > 1:
                 Farg[e] = F[e].argmin(-1)
