@@ -316,14 +316,14 @@ class _Tables:
         op = np.add if combine == "sum" else np.maximum
         for e in range(1, U + 1):
             pinned = P > 1 and bool(blk[:e].any())
-            fin_e = np.isfinite(value[:e, e])  # (e, nR, 3, J)
-            for ri, r in enumerate(self.R):
+            # start units with a finite option of each replica count and some live state: (e, nR)
+            use = np.isfinite(value[:e, e]).any((2, 3)) & alive[:e].any(1)[:, None]
+            for ri in np.flatnonzero(use.any(0)).tolist():
+                r = self.R[ri]
                 p = ri if P > 1 else 0
                 Fp, cp = F[:, :, :, p], ch[:, :, :, p]
                 d_at, link_at, skip_nodes = self._place[ri]
-                rows = np.nonzero(fin_e[:, ri].any((1, 2)) & alive[:e].any(1))[0]
-                if not rows.size:
-                    continue
+                rows = np.flatnonzero(use[:, ri])
                 cost_e = value[rows, e, ri]  # (n_rows, 3, J)
                 # Fe(a_idx, d_idx): the states a stage of rows[a_idx] starting after d_idx devices sees,
                 # gathered only at the device counts used below (not every row's D + 1 states)
@@ -386,33 +386,35 @@ class _Tables:
 
     def _update(self, F, ch, e, d_new, v_best, a_best, d_prev, ri, start) -> None:
         """Keep, per (devices taken, stages left), the better of F[e] and the new options (value
-        with j stages left counting this one lands at j - 1; in bucket mode j = J also stays J)."""
+        with j stages left counting this one lands at j - 1; in bucket mode j = J also stays J).
+        ``d_new`` holds distinct device counts; ``d_prev`` is per device count or per (count, j)."""
         J = self.J
         Fe, ce = F[e], ch[e]
-        d_prev = np.asarray(d_prev)
-        start = np.asarray(start)
-        better = v_best < Fe[d_new, :J]
-        if better.any():
-            dd, jj = np.nonzero(better)
+        cur = Fe[d_new]  # (n, J + 1); its column J is not written by the first part
+        dd, jj = np.nonzero(v_best < cur[:, :J])
+        if dd.size:
             rows = d_new[dd]
             Fe[rows, jj] = v_best[dd, jj]
-            ce[rows, jj, 0] = a_best[dd, jj]
-            ce[rows, jj, 1] = d_prev[dd, jj] if d_prev.ndim == 2 else d_prev[dd]
-            ce[rows, jj, 2] = ri
-            ce[rows, jj, 3] = jj + 1
-            ce[rows, jj, 4] = start[dd]
+            vals = np.empty((dd.size, 5), dtype=np.int32)
+            vals[:, 0] = a_best[dd, jj]
+            vals[:, 1] = d_prev[dd, jj] if d_prev.ndim == 2 else d_prev[dd]
+            vals[:, 2] = ri
+            vals[:, 3] = jj + 1
+            vals[:, 4] = start[dd]
+            ce[rows, jj] = vals
         if self.bucket:
             v = v_best[:, J - 1]
-            better = v < Fe[d_new, J]
-            if better.any():
-                dd = np.nonzero(better)[0]
+            dd = np.flatnonzero(v < cur[:, J])
+            if dd.size:
                 rows = d_new[dd]
                 Fe[rows, J] = v[dd]
-                ce[rows, J, 0] = a_best[dd, J - 1]
-                ce[rows, J, 1] = d_prev[dd, J - 1] if d_prev.ndim == 2 else d_prev[dd]
-                ce[rows, J, 2] = ri
-                ce[rows, J, 3] = J
-                ce[rows, J, 4] = start[dd]
+                vals = np.empty((dd.size, 5), dtype=np.int32)
+                vals[:, 0] = a_best[dd, J - 1]
+                vals[:, 1] = d_prev[dd, J - 1] if d_prev.ndim == 2 else d_prev[dd]
+                vals[:, 2] = ri
+                vals[:, 3] = J
+                vals[:, 4] = start[dd]
+                ce[rows, J] = vals
 
     def candidate(self, stages: list[tuple]) -> tuple[float, Candidate, list[float], float]:
         """(sum, Candidate, maxima per coordinate, max all-reduce) of a DP result."""
