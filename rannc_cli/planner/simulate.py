@@ -27,8 +27,8 @@ divides the optimizer state by the stage's replicas.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Callable, Sequence
 
 from rannc_cli.planner.costmodel import SCHEDULES, CostModel, StageCost, bucket_bytes, exposed_allreduce, objective
 from rannc_cli.planner.placement import allreduce_link
@@ -55,8 +55,16 @@ class Simulation:
     memory: list[float]  # peak bytes per GPU of each stage (interleaved: of its group, all chunks)
     in_flight: list[int]
     busy: list[float]  # seconds each stage's group computes or communicates per step
-    events: list[Event]
+    _events: list[Event] | Callable[[], list[Event]] = field(repr=False, compare=False)
     capacity: float = float("inf")
+
+    @property
+    def events(self) -> list[Event]:
+        """Every op and all-reduce of the step, in the order the sweep ran them (built on first
+        use: ranking plans needs only the times)."""
+        if callable(self._events):
+            self._events = self._events()
+        return self._events
 
     @property
     def fits(self) -> bool:
@@ -129,34 +137,52 @@ def _program(schedule: str, stages: int, microbatches: int, virtual: int) -> tup
     return _PROGRAMS[key]
 
 
-def _sweep(forward: Sequence[float], backward: Sequence[float], weight: Sequence[float] | None, schedule: str,
-           microbatches: int, virtual: int, events: list | None) -> tuple[list[float], list[list[float]] | None]:
-    """Greedy sweep over the groups' op lists; returns each group's end and (with ``events``) each
-    stage's op ends [F ends, B ends, W ends] per microbatch. With ``weight`` (zb) B takes
-    backward - weight, W weight. Each op starts at the later of its data's arrival and its
-    group's previous op's end (``_program`` gives the order)."""
-    S, M = len(forward), microbatches
-    prog, meta, last = _program(schedule, S, M, virtual)
+def _run(forward: Sequence[float], backward: Sequence[float], weight: Sequence[float] | None, schedule: str,
+         microbatches: int, virtual: int) -> tuple[list[float], tuple]:
+    """Every op's end time (1-based as in ``_program``; ``t[0] = 0``) and the program. Each op
+    starts at the later of its data's arrival and its group's previous op's end. With ``weight``
+    (zb) B takes backward - weight, W weight."""
+    S = len(forward)
+    program = _program(schedule, S, microbatches, virtual)
     bdur = [b - w for b, w in zip(backward, weight)] if weight is not None else list(backward)
     dur = [*forward, *bdur, *(weight if weight is not None else [0.0] * S)]
     t = [0.0]
     app = t.append
-    if events is None:
-        for a, b, c in prog:
-            x = t[a]
-            y = t[b]
-            app((x if x > y else y) + dur[c])
-        return [t[i] for i in last], None
-    ends = [[[-1.0] * M for _ in range(S)] for _ in range(3)]
-    for (a, b, c), (k, m, s, g) in zip(prog, meta):
+    for a, b, c in program[0]:
         x = t[a]
         y = t[b]
-        st = x if x > y else y
-        end = st + dur[c]
-        app(end)
-        ends[k][s][m] = end
-        events.append(Event(s, "FBW"[k], m, st, end, g))
-    return [t[i] for i in last], ends
+        app((x if x > y else y) + dur[c])
+    return t, program
+
+
+def _ends(t: list[float], program: tuple, stages: int, microbatches: int) -> list[list[list[float]]]:
+    """Each stage's op ends [F ends, B ends, W ends] per microbatch (-1 where no such op)."""
+    ends = [[[-1.0] * microbatches for _ in range(stages)] for _ in range(3)]
+    for i, (k, m, s, _g) in enumerate(program[1], 1):
+        ends[k][s][m] = t[i]
+    return ends
+
+
+def _op_events(t: list[float], program: tuple) -> list[Event]:
+    """The ops as Events (start: the later of the data's arrival and the group's previous end)."""
+    out = []
+    for i, ((a, b, _c), (k, m, s, g)) in enumerate(zip(program[0], program[1]), 1):
+        x = t[a]
+        y = t[b]
+        out.append(Event(s, "FBW"[k], m, x if x > y else y, t[i], g))
+    return out
+
+
+def _sweep(forward: Sequence[float], backward: Sequence[float], weight: Sequence[float] | None, schedule: str,
+           microbatches: int, virtual: int, events: list | None) -> tuple[list[float], list[list[float]] | None]:
+    """Greedy sweep over the groups' op lists; returns each group's end and (with ``events``, which
+    gets every op appended) each stage's op ends [F ends, B ends, W ends] per microbatch."""
+    t, program = _run(forward, backward, weight, schedule, microbatches, virtual)
+    free = [t[i] for i in program[2]]
+    if events is None:
+        return free, None
+    events.extend(_op_events(t, program))
+    return free, _ends(t, program, len(forward), microbatches)
 
 
 def simulate_times(forward: list[float], backward: list[float], schedule: str, microbatches: int,
@@ -257,12 +283,18 @@ def simulate(plan: Plan, cm: CostModel) -> Simulation:
         a, c.grad_seconds, float(cm.range_info(st.start, st.end).trainable_bytes), plan.zero, plan.allreduce_overlap,
         bucket)) for c, a, st in zip(costs, full, plan.stages)]
     p, v, M = plan.groups, plan.virtual_stages, plan.microbatches
-    events: list[Event] = []
     zb = plan.schedule == "zb"
-    free, ends = _sweep([c.forward for c in costs], [c.backward for c in costs],
-                        [c.weight for c in costs] if zb else None, plan.schedule, M, v, events)
+    t, program = _run([c.forward for c in costs], [c.backward for c in costs], [c.weight for c in costs] if zb else None,
+                      plan.schedule, M, v)
+    free = [t[i] for i in program[2]]
     pipe = max(free) if free else 0.0
-    step = step_with_allreduce(pipe, last_gradient_ends(ends, plan.schedule), costs, p, plan.allreduce_overlap, events)
+    last_end = last_gradient_ends(_ends(t, program, len(costs), M), plan.schedule)
+    step = step_with_allreduce(pipe, last_end, costs, p, plan.allreduce_overlap)
+
+    def events() -> list[Event]:  # the same sweep's ops, then the same all-reduce pass with events
+        out = _op_events(t, program)
+        step_with_allreduce(pipe, last_end, costs, p, plan.allreduce_overlap, out)
+        return out
     held = held_per_stage(plan)
     memory = group_memory(costs, p)
     group_busy = [0.0] * p
