@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import operator
 import re
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import fx, nn
@@ -313,7 +313,11 @@ def _state_specs(program: ExportedProgram, model: nn.Module, runs: list[Run]) ->
 
 def _twin_placeholder(model: nn.Module, fqn: str, kind: InputKind, twin_of: dict[str, str],
                       lifted: dict[int, str]) -> str:
-    for member, template in twin_of.items():
+    parts = fqn.split(".")
+    prefixes = {".".join(parts[:i]) for i in range(1, len(parts))}  # a dict lookup each, not a scan of every member
+    order = list(twin_of) if len(prefixes & twin_of.keys()) > 1 else []
+    for member in sorted(prefixes & twin_of.keys(), key=order.index if order else None):
+        template = twin_of[member]
         if fqn.startswith(member + "."):
             rel = fqn[len(member) + 1:]
             t = model.get_submodule(template)
@@ -407,11 +411,36 @@ def stitch(program: ExportedProgram, model: nn.Module, runs: list[Run]) -> Expor
         if spec.arg.name in added:
             (state_dict if spec.persistent is not False else lifted_constants)[spec.target] = tensor_of[spec.arg.name]
     relax_graph_views(new)  # capture's relax_views then has nothing left to do: the code is generated once
-    return ExportedProgram(root=program.graph_module, graph=new,
-                           graph_signature=ExportGraphSignature(input_specs=specs, output_specs=outputs),
-                           state_dict=state_dict, range_constraints=program.range_constraints,
-                           module_call_graph=program.module_call_graph, example_inputs=program.example_inputs,
-                           constants=lifted_constants, verifiers=program.verifiers)
+    with lazy_program_code():
+        return ExportedProgram(root=program.graph_module, graph=new,
+                               graph_signature=ExportGraphSignature(input_specs=specs, output_specs=outputs),
+                               state_dict=state_dict, range_constraints=program.range_constraints,
+                               module_call_graph=program.module_call_graph, example_inputs=program.example_inputs,
+                               constants=lifted_constants, verifiers=program.verifiers)
+
+
+@contextmanager
+def lazy_program_code() -> Iterator[None]:
+    """ExportedPrograms built inside get a graph module whose Python code is generated on first use
+    (fx's ``_LazyGraphModule``: ``forward``, ``.code`` and ``print`` compile it), not at
+    construction. rannc reads the program's graph and builds its own stage modules, so the
+    stitched model's code (a third of stitching's time at 96 layers) is usually never needed.
+    Plain construction where torch lacks either hook."""
+    import torch.export.exported_program as exported_program
+
+    create = getattr(exported_program, "_create_graph_module_for_export", None)
+    try:
+        from torch.fx._lazy_graph_module import _LazyGraphModule
+    except ImportError:
+        create = None
+    if create is None:
+        yield
+        return
+    exported_program._create_graph_module_for_export = lambda root, graph: _LazyGraphModule(root, graph)
+    try:
+        yield
+    finally:
+        exported_program._create_graph_module_for_export = create
 
 
 def _copy_template(new: fx.Graph, env: dict[fx.Node, fx.Node], placeholders: dict[str, fx.Node],
