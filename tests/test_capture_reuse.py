@@ -102,6 +102,42 @@ class BatchNormStack(nn.Module):
         return self.layers(x).pow(2).mean()
 
 
+class PairLayer(nn.Module):
+    """Takes and returns two tensors (a run whose stubs pass two values each on)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+        self.gate = nn.Linear(d, 1)
+
+    def forward(self, h: torch.Tensor, aux: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = h + torch.tanh(self.lin(h)).masked_fill(mask, 0.0)
+        return h, aux + self.gate(h)
+
+
+class InPlaceParentStack(nn.Module):
+    """The parent builds a mask in place (so the graph is functionalised) and feeds it to every
+    layer; ``collect`` also reads every layer's output (the stubs then do not form a pure chain)."""
+
+    def __init__(self, d: int = 8, layers: int = 5, collect: bool = False):
+        super().__init__()
+        self.collect = collect
+        self.inp = nn.Linear(d, d)
+        self.layers = nn.ModuleList([PairLayer(d) for _ in range(layers)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = torch.zeros_like(x, dtype=torch.bool)
+        mask[:, 0] = True
+        h = self.inp(x)
+        aux = h.sum(-1, keepdim=True)
+        seen = []
+        for layer in self.layers:
+            h, aux = layer(h, aux, mask)
+            if self.collect:
+                seen.append(h.sum())
+        return h.pow(2).mean() + aux.mean() + (torch.stack(seen).mean() if seen else 0.0)
+
+
 def _tokens(vocab: int, b: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     seq = torch.randint(0, vocab, (b, n + 1), generator=torch.Generator().manual_seed(0))
     return seq[:, :-1], seq[:, 1:]
@@ -123,10 +159,12 @@ MODELS = {
     "shared_norm_tied": lambda: (SharedNormStack(), (_tokens(24, 4, 6), {})),
     "called_differently": lambda: (CalledDifferently(), ((torch.randn(5, 8),), {})),
     "batch_norm_stack": lambda: (BatchNormStack(), ((torch.randn(5, 8),), {})),
+    "in_place_parent": lambda: (InPlaceParentStack(), ((torch.randn(5, 8),), {})),
+    "in_place_parent_collecting": lambda: (InPlaceParentStack(collect=True), ((torch.randn(5, 8),), {})),
     **{f"zoo_{name}": make for name, make in ZOO.items()},
 }
 # what the fast path must do with each (the rest have no run of identical layers)
-REUSED = {"transformer_2", "transformer_5", "widening", "shared_norm_tied", "zoo_tied_weights", "zoo_example_transformer",
+REUSED = {"transformer_2", "transformer_5", "in_place_parent", "in_place_parent_collecting", "widening", "shared_norm_tied", "zoo_tied_weights", "zoo_example_transformer",
           "zoo_example_mlp", "zoo_example_cnn"}
 
 
@@ -190,6 +228,42 @@ def test_stages_of_reused_graph_compute_the_same(name):
     assert torch.equal(loss_a, loss_b)
     for n in grads_a:
         assert torch.equal(grads_a[n], grads_b[n]), f"gradient of {n} differs"
+
+
+def _graph_text(captured) -> list[tuple]:
+    """Every node of a captured graph: op, target, wiring, value shape, module path (not its name:
+    the decomposition's name counters also count the sizes the left-out stubs computed)."""
+    index = {n: i for i, n in enumerate(captured.graph.nodes)}
+    out = []
+    for n in captured.graph.nodes:
+        val = n.meta.get("val")
+        stack = n.meta.get("nn_module_stack") or {}
+        out.append((n.op, str(n.target), str(torch.fx.node.map_arg((n.args, n.kwargs), lambda a: index[a])),
+                    str((val.shape, val.stride(), val.dtype, val.requires_grad)) if isinstance(val, torch.Tensor)
+                    else str(val), [p for p, _ in stack.values()]))
+    return out
+
+
+@pytest.mark.parametrize("name,collapses", [("transformer_5", True), ("in_place_parent", True),
+                                            ("in_place_parent_collecting", False), ("transformer_2", False)])
+def test_decomposition_leaving_out_ghost_stubs_gives_the_plain_one(name, collapses, monkeypatch):
+    """Functionalising with stubs 2.. of a run left out (reuse.decompose_collapsing_stubs) gives node
+    for node the graph of ``run_decompositions`` on the whole stubbed program, and the same hash;
+    a run whose stubs the parent also reads, or with one stub, is decomposed as it is."""
+    from rannc_cli.graph import reuse
+
+    torch.manual_seed(0)
+    model, (args, kwargs) = MODELS[name]()
+    plans = []
+    collapse = reuse._collapse_chain
+    monkeypatch.setattr(reuse, "_collapse_chain", lambda graph, run: plans.append(collapse(graph, run)) or plans[-1])
+    fast = capture(model, args, kwargs, reuse_layers=True)
+    monkeypatch.setattr(reuse, "decompose_collapsing_stubs", lambda program, runs: program.run_decompositions({}))
+    plain = capture(model, args, kwargs, reuse_layers=True)
+    assert fast.method == plain.method == "reused layers"
+    assert plans and any(p is not None for p in plans) == collapses
+    assert _graph_text(fast) == _graph_text(plain)
+    assert graph_hash(build_blocks(fast)) == graph_hash(build_blocks(plain))
 
 
 def test_runs_group_only_identical_siblings():

@@ -261,10 +261,9 @@ def _shape_text(val: Any, batch_symbol: Any) -> str:
     if isinstance(val, torch.Tensor):
         dims = []
         for s in val.shape:
-            text = str(s)
-            if batch_symbol is not None and isinstance(s, torch.SymInt):
-                text = batch_text(s.node.expr, batch_symbol)
-            dims.append(text)
+            # str(SymInt) prints with sympy, as slow as the batch_text it would be replaced by
+            dims.append(batch_text(s.node.expr, batch_symbol) if batch_symbol is not None and
+                        isinstance(s, torch.SymInt) else str(s))
         return f"{str(val.dtype)}[{','.join(dims)}]{'g' if val.requires_grad else ''}"
     if isinstance(val, (tuple, list)):
         return "(" + ",".join(_shape_text(v, batch_symbol) for v in val) + ")"

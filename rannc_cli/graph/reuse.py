@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import operator
 import re
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import fx, nn
@@ -60,8 +60,126 @@ def export_reusing_layers(model: nn.Module, args: tuple, kwargs: dict, dynamic_s
             if any(_is_mutation(n) for n in _template_region(program.graph, i, r).body):
                 raise NotReusable(f"the template {r.members[0]} modifies a tensor in place")
         if has_mutations(program):
-            program = program.run_decompositions({})
+            program = decompose_collapsing_stubs(program, len(runs))
     return stitch(program, model, runs)
+
+
+@dataclass
+class _Chain:
+    """A run's ghost stubs that only feed one another: left out of the decomposition but the first."""
+
+    run: int
+    members: int  # number of stubs (members 1..members)
+    chain: dict[int, int]  # stub input position -> output index of the previous stub it reads
+    last_outputs: list[int]  # output indices of the last stub the parent reads
+
+
+def _stub_outputs(stub_node: fx.Node) -> dict[int, fx.Node] | None:
+    outs: dict[int, fx.Node] = {}
+    for u in stub_node.users:
+        if u.target is not operator.getitem or not isinstance(u.args[1], int) or u.args[1] in outs:
+            return None
+        outs[u.args[1]] = u
+    return outs
+
+
+def _collapse_chain(graph: fx.Graph, run: int) -> _Chain | None:
+    """Remove stubs 2.. of a run from ``graph`` when they form a pure chain (each stub's outputs read
+    only by the next stub, its other inputs those of stub 1, nothing else between them), rewiring the
+    last stub's readers to stub 1; None (graph untouched) otherwise."""
+    nodes = list(graph.nodes)
+    stubs = [n for n in nodes if n.target is STUB and n.args[1] == run]
+    if len(stubs) < 2 or [s.args[2] for s in stubs] != list(range(1, len(stubs) + 1)):
+        return None
+    outs = [_stub_outputs(s) for s in stubs]
+    if any(o is None for o in outs):
+        return None
+    position = {n: i for i, n in enumerate(nodes)}
+    allowed = set(stubs[1:]) | {g for o in outs[:-1] for g in o.values()}  # type: ignore[union-attr]
+    if any(n not in allowed for n in nodes[position[stubs[0]] + 1 + len(outs[0]):position[stubs[-1]]]) or \
+            any(position[g] != position[stubs[0]] + 1 + i for i, g in enumerate(sorted(outs[0].values(), key=position.get))):
+        return None
+    first_inputs = list(stubs[0].args[0])
+    chain: dict[int, int] | None = None
+    for k in range(1, len(stubs)):
+        previous = {g: j for j, g in outs[k - 1].items()}  # type: ignore[union-attr]
+        inputs = list(stubs[k].args[0])
+        if len(inputs) != len(first_inputs):
+            return None
+        mine = {i: previous[x] for i, x in enumerate(inputs) if x in previous}
+        if any(x is not first_inputs[i] for i, x in enumerate(inputs) if i not in mine):
+            return None
+        if chain is None:
+            chain = mine
+        if mine != chain or any(set(g.users) != {stubs[k]} for g in outs[k - 1].values()):  # type: ignore[union-attr]
+            return None
+    last = outs[-1]
+    if any(u.op == "output" for g in last.values() for u in g.users):  # type: ignore[union-attr]
+        return None
+    assert chain is not None
+    first = outs[0]
+    anchor = max([stubs[0], *first.values()], key=position.get)  # type: ignore[union-attr]
+    for j, g in sorted(last.items()):  # type: ignore[union-attr]
+        if j not in first:  # type: ignore[operator]
+            with graph.inserting_after(anchor):
+                first[j] = anchor = graph.call_function(operator.getitem, (stubs[0], j))  # type: ignore[index]
+            anchor.meta = dict(g.meta)
+    removed = [n for n in nodes[position[stubs[1]]:position[stubs[-1]] + 1]] + \
+        sorted(last.values(), key=position.get)  # type: ignore[union-attr]
+    for j, g in last.items():  # type: ignore[union-attr]
+        g.replace_all_uses_with(first[j])  # type: ignore[index]
+    for n in reversed(removed):
+        graph.erase_node(n)
+    return _Chain(run=run, members=len(stubs), chain=chain, last_outputs=sorted(last))  # type: ignore[arg-type]
+
+
+def _expand_chain(graph: fx.Graph, c: _Chain) -> None:
+    """Put back the stubs ``_collapse_chain`` removed, after stub 1 of the decomposed graph."""
+    first = next(n for n in graph.nodes if n.target is STUB and n.args[1] == c.run)
+    outs = _stub_outputs(first)
+    if outs is None or first.args[2] != 1:
+        raise NotReusable("the decomposed graph changed a stub")
+    readers = {j: list(g.users) for j, g in outs.items()}
+    position = {n: i for i, n in enumerate(graph.nodes)}
+    anchor = max([first, *outs.values()], key=position.get)
+    values = first.meta.get("val")
+
+    def getitem(of: fx.Node, j: int) -> fx.Node:
+        nonlocal anchor
+        with graph.inserting_after(anchor):
+            anchor = graph.call_function(operator.getitem, (of, j))
+        anchor.meta = dict(outs[j].meta) if j in outs else {"val": values[j]} if values is not None else {}
+        return anchor
+
+    previous, previous_outs = first, dict(outs)
+    for j in sorted(set(c.chain.values()) - set(previous_outs)):
+        previous_outs[j] = getitem(first, j)
+    for k in range(2, c.members + 1):
+        inputs = [previous_outs[c.chain[i]] if i in c.chain else x for i, x in enumerate(first.args[0])]
+        with graph.inserting_after(anchor):
+            anchor = graph.call_function(STUB, (inputs, c.run, k))
+        anchor.meta = dict(first.meta)
+        previous = anchor
+        wanted = c.last_outputs if k == c.members else sorted(set(c.chain.values()))
+        previous_outs = {j: getitem(previous, j) for j in wanted}
+    for j, users in readers.items():
+        for u in users:
+            u.replace_input_with(outs[j], previous_outs[j])
+
+
+def decompose_collapsing_stubs(program: ExportedProgram, runs: int) -> ExportedProgram:
+    """``program.run_decompositions({})`` (functionalisation) with each run's ghost stubs after the
+    first left out of the retrace and put back after it: every stub costs as much to retrace as a
+    real op, so on a deep stack most of the decomposition was spent on stubs. The stubs only name
+    where each member's copy goes (``stitch`` replaces them), so the result is the same."""
+    chains = [c for c in (_collapse_chain(program.graph, r) for r in range(runs)) if c is not None]
+    if chains:
+        program.graph.lint()
+        program.graph_module.recompile()
+    decomposed = program.run_decompositions({})
+    for c in chains:
+        _expand_chain(decomposed.graph, c)
+    return decomposed
 
 
 def _is_mutation(node: fx.Node) -> bool:
@@ -195,7 +313,11 @@ def _state_specs(program: ExportedProgram, model: nn.Module, runs: list[Run]) ->
 
 def _twin_placeholder(model: nn.Module, fqn: str, kind: InputKind, twin_of: dict[str, str],
                       lifted: dict[int, str]) -> str:
-    for member, template in twin_of.items():
+    parts = fqn.split(".")
+    prefixes = {".".join(parts[:i]) for i in range(1, len(parts))}  # a dict lookup each, not a scan of every member
+    order = list(twin_of) if len(prefixes & twin_of.keys()) > 1 else []
+    for member in sorted(prefixes & twin_of.keys(), key=order.index if order else None):
+        template = twin_of[member]
         if fqn.startswith(member + "."):
             rel = fqn[len(member) + 1:]
             t = model.get_submodule(template)
@@ -289,11 +411,36 @@ def stitch(program: ExportedProgram, model: nn.Module, runs: list[Run]) -> Expor
         if spec.arg.name in added:
             (state_dict if spec.persistent is not False else lifted_constants)[spec.target] = tensor_of[spec.arg.name]
     relax_graph_views(new)  # capture's relax_views then has nothing left to do: the code is generated once
-    return ExportedProgram(root=program.graph_module, graph=new,
-                           graph_signature=ExportGraphSignature(input_specs=specs, output_specs=outputs),
-                           state_dict=state_dict, range_constraints=program.range_constraints,
-                           module_call_graph=program.module_call_graph, example_inputs=program.example_inputs,
-                           constants=lifted_constants, verifiers=program.verifiers)
+    with lazy_program_code():
+        return ExportedProgram(root=program.graph_module, graph=new,
+                               graph_signature=ExportGraphSignature(input_specs=specs, output_specs=outputs),
+                               state_dict=state_dict, range_constraints=program.range_constraints,
+                               module_call_graph=program.module_call_graph, example_inputs=program.example_inputs,
+                               constants=lifted_constants, verifiers=program.verifiers)
+
+
+@contextmanager
+def lazy_program_code() -> Iterator[None]:
+    """ExportedPrograms built inside get a graph module whose Python code is generated on first use
+    (fx's ``_LazyGraphModule``: ``forward``, ``.code`` and ``print`` compile it), not at
+    construction. rannc reads the program's graph and builds its own stage modules, so the
+    stitched model's code (a third of stitching's time at 96 layers) is usually never needed.
+    Plain construction where torch lacks either hook."""
+    import torch.export.exported_program as exported_program
+
+    create = getattr(exported_program, "_create_graph_module_for_export", None)
+    try:
+        from torch.fx._lazy_graph_module import _LazyGraphModule
+    except ImportError:
+        create = None
+    if create is None:
+        yield
+        return
+    exported_program._create_graph_module_for_export = lambda root, graph: _LazyGraphModule(root, graph)
+    try:
+        yield
+    finally:
+        exported_program._create_graph_module_for_export = create
 
 
 def _copy_template(new: fx.Graph, env: dict[fx.Node, fx.Node], placeholders: dict[str, fx.Node],
