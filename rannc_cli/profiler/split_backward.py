@@ -7,11 +7,17 @@
 Measured: the block's backward runs the way the runtime's 'zb' path runs it
 (rannc_cli.runtime.split_backward.split_backward with the stage's parameters and the inputs that
 require grad, then ``WeightGrad.run()``, which accumulates into ``.grad``), and B and W are timed
-separately: medians of up to ``repeats`` timed runs after up to ``warmup`` untimed ones, cut
-short after ``budget_seconds`` of timed work, as for the plain backward (measure.py). The
-parameters' ``.grad`` are restored afterwards. B + W may exceed the plain backward: the split
-walks the autograd graph, keeps it, and starts one backward call per parameter group (1.2-1.4x
-on CPU for the Transformer blocks of benchmarks/schedule_bench.py).
+separately, each repetition right after a plain backward (``torch.autograd.grad`` to inputs and
+parameters, as measure.py times it) on a fresh forward: up to ``repeats`` timed repetitions
+after up to ``warmup`` untimed ones, cut short after ``budget_seconds`` of timed work. The
+result is the plain backward the profile already holds (``backward_seconds``) times the medians
+of the per-repetition ratios B / plain and W / plain: the ratio is measured under the same load
+as its plain reference, so a load change between measure.py's timing and this one does not leak
+into the split (on the shared 2-core CI machine a class's W once came out 2.6x its plain
+backward when timed on its own). The parameters' ``.grad`` are restored afterwards. B + W may
+exceed the plain backward: the split walks the autograd graph, keeps it, and starts one backward
+call per parameter group (1.0-1.2x on CPU for the big Transformer blocks of
+benchmarks/schedule_bench.py, up to 2x for tiny ones).
 
 Estimated (no kernel runs): B is the roofline time (estimate.OpCostMode) of the ops a backward
 to the block's inputs alone dispatches, W the rest of the block's plain backward
@@ -86,43 +92,53 @@ def _clock(device: torch.device) -> Callable[[Callable[[], Any]], tuple[float, A
 
 
 def measure_split(stage: torch.nn.Module, inputs: Sequence[Any], warmup: int = 2, repeats: int = 5,
-                  budget_seconds: float = 1.0) -> tuple[float, float]:
-    """(B seconds, W seconds) of one block's split backward, medians (see the module docstring)."""
+                  budget_seconds: float = 1.0) -> tuple[list[float], list[float], list[float]]:
+    """Per timed repetition: (plain backward, B, W) seconds of one block (see the module docstring)."""
     run = _SplitRun(stage, inputs)
     timed = _clock(run.device())
     saved = [p.grad for p in run.params]
+    targets = [x for x in run.wanted if x is not None] + run.params
 
-    def once() -> tuple[float, float]:
+    def once() -> tuple[float, float, float]:
         outs, seeds = run.forward()
-        if not outs:
-            return 0.0, 0.0
+        if not outs or not targets:
+            return 0.0, 0.0, 0.0
+        plain, _ = timed(lambda: torch.autograd.grad(outs, targets, seeds, allow_unused=True))
+        outs, seeds = run.forward()
         b, (_grads, weight) = timed(lambda: split_backward(outs, seeds, run.wanted, run.params))
         w, _ = timed(weight.run)
-        return b, w
+        return plain, b, w
 
+    ps, bs, ws = [], [], []
     try:
         for _ in range(max(0, warmup)):
-            b, w = once()
-            if b + w > budget_seconds / 2:
+            plain, b, w = once()
+            if plain + b + w > budget_seconds / 2:
                 break
-        bs, ws = [], []
         for _ in range(max(1, repeats)):
-            b, w = once()
+            plain, b, w = once()
+            ps.append(plain)
             bs.append(b)
             ws.append(w)
-            if sum(bs) + sum(ws) > budget_seconds:
+            if sum(ps) + sum(bs) + sum(ws) > budget_seconds:
                 break
     finally:
         for p, g in zip(run.params, saved):
             p.grad = g
-    return statistics.median(bs), statistics.median(ws)
+    return ps, bs, ws
 
 
 def with_measured_split(cost: BlockCost, stage: torch.nn.Module, inputs: Sequence[Any], warmup: int = 2,
                         repeats: int = 5, budget_seconds: float = 1.0) -> BlockCost:
-    """``cost`` with ``backward_input_seconds`` / ``backward_weight_seconds`` measured."""
-    b, w = measure_split(stage, inputs, warmup, repeats, budget_seconds)
-    return replace(cost, backward_input_seconds=b, backward_weight_seconds=w)
+    """``cost`` with ``backward_input_seconds`` / ``backward_weight_seconds`` measured: its
+    ``backward_seconds`` times the median ratios B / plain and W / plain."""
+    ps, bs, ws = measure_split(stage, inputs, warmup, repeats, budget_seconds)
+    if not any(ps):  # nothing to differentiate: no backward to split
+        return replace(cost, backward_input_seconds=0.0, backward_weight_seconds=0.0)
+    b = statistics.median(x / p for x, p in zip(bs, ps) if p > 0)
+    w = statistics.median(x / p for x, p in zip(ws, ps) if p > 0)
+    return replace(cost, backward_input_seconds=b * cost.backward_seconds,
+                   backward_weight_seconds=w * cost.backward_seconds)
 
 
 def estimate_split(stage: torch.nn.Module, fake_inputs: Sequence[Any], backward_seconds: float, spec: Any,
