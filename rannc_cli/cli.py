@@ -94,7 +94,7 @@ def plan_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the plan, prediction and baselines as JSON."),
     timeline: Optional[Path] = typer.Option(None, "--timeline", help="Draw the simulated schedule to this PNG."),
     explain: bool = typer.Option(False, "--explain", help="List the next-best alternatives and why they lost."),
-    exhaustive: bool = typer.Option(False, "--exhaustive", help="Price every plan (at most 12 blocks and 8 GPUs) instead of the DP."),
+    exhaustive: bool = typer.Option(False, "--exhaustive", help="Price every plan (at most 12 blocks and 8 GPUs) instead of the DP; interleaved and zb plans are built from its best ones."),
     evaluate: Optional[Path] = typer.Option(None, "--evaluate", help="Re-price an existing plan file on this profile and cluster instead of searching."),
 ) -> None:
     """Search stage boundaries, replicas per stage, placement, microbatches and schedule for the fastest step."""

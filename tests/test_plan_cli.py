@@ -57,6 +57,24 @@ def test_exhaustive_agrees_with_the_search(tmp_path):
     assert runs[0]["objective_seconds"] <= runs[1]["objective_seconds"] * (1 + 1e-9)
 
 
+@pytest.mark.parametrize("forced", [["--schedule", "zb"], ["--schedule", "interleaved", "--virtual-stages", "2"]])
+def test_exhaustive_honours_a_forced_zb_or_interleaved_schedule(tmp_path, forced):
+    """--exhaustive prices every 1F1B structure and turns the best into the forced schedule, as the DP path does."""
+    prof = tmp_path / "h.yaml"
+    hybrid_profile(cnn_width=1, cnn_depths=(1, 1), layers=3, hidden=256, batch_size=16).save(prof)
+    runs = []
+    for extra in ([], ["--exhaustive"]):
+        res = run_cli("plan", "--profile", str(prof), "--nodes", "1", "--gpus", "4", "--mem-per-gpu", "2GiB",
+                      "--json", *forced, *extra)
+        assert res.returncode == 0, res.stderr
+        runs.append(json.loads(res.stdout))
+    assert runs[1]["search"]["exhaustive_plans"] > 100
+    for data in runs:
+        assert data["schedule"] == forced[1]
+        assert data.get("virtual_stages", 1) == (2 if "interleaved" in forced else 1)
+    assert runs[0]["objective_seconds"] <= runs[1]["objective_seconds"] * (1 + 1e-9)
+
+
 def test_infeasible_is_one_clear_line(profile_file):
     res = run_cli("plan", "--profile", str(profile_file), "--nodes", "1", "--gpus", "1", "--mem-per-gpu", "200MiB")
     assert res.returncode == 2

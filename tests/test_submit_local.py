@@ -104,6 +104,19 @@ def test_failing_rank_and_cancel_locally(tmp_path, mlp_profile):
     assert "CANCELLED" in run_cli("status", rec["id"], cwd=tmp_path, env=env).stdout
 
 
+def test_a_crashed_rank_is_named_with_its_fault(tmp_path, mlp_profile):
+    """A rank killed by a segmentation fault writes no exception: the fault handler's report names it."""
+    env = _env(tmp_path)
+    res = run_cli("submit", str(SCRIPTS / "raise_train.py"), "--nodes", "1", "--gpus", "2", "--profile",
+                  str(mlp_profile), "--wait", "--", "--crash", cwd=tmp_path, env=env, timeout=120)
+    assert res.returncode != 0
+    assert "ended FAILED at train/rank-1.log" in res.stderr and "Fatal Python error: Segmentation fault" in res.stderr, \
+        res.stderr
+    assert "Traceback" not in res.stderr
+    rank1 = (job_folder(tmp_path / "logs") / "train" / "rank-1.log").read_text()
+    assert "raise_train.py" in rank1, rank1   # the fault handler's stack names the script's line
+
+
 def test_a_local_job_cut_by_time_ends_timeout(tmp_path, mlp_profile):
     """--time: SIGUSR1 before the limit, the ranks checkpoint and exit 0; the job is TIMEOUT (resumable),
     not COMPLETED, in the record, in `rannc status` and in --wait's exit code."""

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from conftest import ROOT, run_cli
-from testbed.scheduler import FAST, MLP_ARGS, SCRIPTS, job_folder, make_profile, record, wait_file_text
+from testbed.scheduler import FAST, MLP_ARGS, SCRIPTS, job_folder, job_logs, make_profile, record, wait_file_text
 
 pytestmark = pytest.mark.openpbs
 
@@ -62,7 +62,7 @@ def test_mlp_ranks_complete_with_the_losses_of_one_process(openpbs_server, tmp_p
     res = run_cli("submit", str(ROOT / "examples" / "mlp.py"), "--scheduler", "pbs", "--nodes", str(nodes),
                   "--gpus", "2", "--time", "10:00", "--wait", "--", *MLP_ARGS, cwd=tmp_path, env=env, timeout=400)
     took = time.monotonic() - t0
-    assert res.returncode == 0, res.stdout + res.stderr + openpbs_server.logs()
+    assert res.returncode == 0, res.stdout + res.stderr + job_logs(tmp_path / "logs") + openpbs_server.logs()
     print(f"submit-to-COMPLETED on the OpenPBS testbed, {nodes} node(s) x 2: {took:.1f} s")
     folder = job_folder(tmp_path / "logs")
     rec = record(folder)

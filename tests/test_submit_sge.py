@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, run_cli
-from testbed.scheduler import FAST, MLP_ARGS, SCRIPTS, job_folder, make_profile, record, wait_file_text
+from testbed.scheduler import FAST, MLP_ARGS, SCRIPTS, job_folder, job_logs, make_profile, record, wait_file_text
 
 pytestmark = pytest.mark.gridengine
 
@@ -57,7 +57,7 @@ def test_profile_plan_train_on_grid_engine(gridengine, tmp_path, one_process):
     res = run_cli("submit", str(ROOT / "examples" / "mlp.py"), "--scheduler", "sge", "--nodes", "1", "--gpus", "2",
                   "--time", "10:00", "--wait", "--", *MLP_ARGS, cwd=tmp_path, env=env, timeout=300)
     took = time.monotonic() - t0
-    assert res.returncode == 0, res.stdout + res.stderr + gridengine.logs()
+    assert res.returncode == 0, res.stdout + res.stderr + job_logs(tmp_path / "logs") + gridengine.logs()
     print(f"submit-to-COMPLETED on the Grid Engine testbed: {took:.1f} s")
     folder = job_folder(tmp_path / "logs")
     rec = record(folder)
@@ -83,7 +83,7 @@ def test_qrsh_inherit_ranks(gridengine, tmp_path, mlp_profile, one_process):
     env = _env(gridengine, tmp_path)
     res = run_cli("submit", str(ROOT / "examples" / "mlp.py"), "--site", str(site), "--nodes", "1", "--gpus", "2",
                   "--profile", str(mlp_profile), "--wait", "--", *MLP_ARGS, cwd=tmp_path, env=env, timeout=300)
-    assert res.returncode == 0, res.stdout + res.stderr + gridengine.logs()
+    assert res.returncode == 0, res.stdout + res.stderr + job_logs(tmp_path / "logs") + gridengine.logs()
     folder = job_folder(tmp_path / "logs")
     assert "-inherit" in (folder / "train.sh").read_text() and "rannc_cli.cli run" not in (folder / "train.sh").read_text()
     _assert_equal_losses(folder, 2, one_process)

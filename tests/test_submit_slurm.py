@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, run_cli
-from testbed.scheduler import FAST, MLP_ARGS, SCRIPTS, job_folder, make_profile, record, wait_file_text
+from testbed.scheduler import FAST, MLP_ARGS, SCRIPTS, job_folder, job_logs, make_profile, record, wait_file_text
 
 pytestmark = pytest.mark.slurm
 
@@ -37,7 +37,7 @@ def test_profile_plan_train_two_nodes(slurm_cluster, tmp_path):
     res = run_cli("submit", str(ROOT / "examples" / "mlp.py"), "--scheduler", "slurm", "--nodes", "2", "--gpus", "2",
                   "--time", "10:00", "--wait", "--", *MLP_ARGS, cwd=tmp_path, env=env, timeout=300)
     took = time.monotonic() - t0
-    assert res.returncode == 0, res.stdout + res.stderr + slurm_cluster.logs()
+    assert res.returncode == 0, res.stdout + res.stderr + job_logs(tmp_path / "logs") + slurm_cluster.logs()
     print(f"submit-to-COMPLETED on the Slurm testbed: {took:.1f} s")
     folder = job_folder(tmp_path / "logs")
     assert folder.stat().st_mode & 0o777 == 0o700

@@ -1,6 +1,7 @@
 """Exhaustive search: every plan of the search space, priced one by one (small problems only).
 
     best, count = exhaustive(cost_model, bounds, space)     # Candidate with the least objective
+    ranked, count = exhaustive_ranked(cost_model, bounds, space, keep=3)   # the 3 best, best first
 
 Enumerates every split of the units into stages, every replica count per stage, both placements
 the rule allows per stage (placement.py), every microbatch count, both schedules and every ZeRO setting of the space (all-reduce overlap
@@ -13,6 +14,9 @@ placement rule, so `search == exhaustive` checks the DP's recursion, bucketing a
 
 from __future__ import annotations
 
+import heapq
+import itertools
+
 from rannc_cli.errors import RanncError
 from rannc_cli.planner.costmodel import SCHEDULES, CostModel, StageCost, in_flight, objective
 from rannc_cli.planner.placement import allreduce_link, devices, link_in, starts
@@ -24,6 +28,14 @@ MAX_DEVICES = 8
 
 def exhaustive(cm: CostModel, bounds: list[int], space: SearchSpace, all_schedules: bool = True) -> tuple[Candidate | None, int]:
     """Best plan by brute force and the number of complete plans priced."""
+    ranked, count = exhaustive_ranked(cm, bounds, space, all_schedules, keep=1)
+    return (ranked[0] if ranked else None), count
+
+
+def exhaustive_ranked(cm: CostModel, bounds: list[int], space: SearchSpace, all_schedules: bool = True,
+                      keep: int = 1) -> tuple[list[Candidate], int]:
+    """The ``keep`` best plans by brute force (least objective first; the first of equal ones as
+    found) and the number of complete plans priced."""
     units = len(bounds) - 1
     if units > MAX_UNITS or cm.cluster.devices > MAX_DEVICES:
         raise RanncError(f"--exhaustive handles at most {MAX_UNITS} blocks and {MAX_DEVICES} GPUs "
@@ -31,7 +43,8 @@ def exhaustive(cm: CostModel, bounds: list[int], space: SearchSpace, all_schedul
                          hint="drop --exhaustive, or plan a smaller model or cluster")
     g, total = cm.cluster.gpus_per_node, cm.cluster.devices
     schedules = list(SCHEDULES) if all_schedules and space.schedules == ["1f1b"] else space.schedules
-    best: Candidate | None = None
+    heap: list[tuple[float, int, Candidate]] = []   # the keep best, as (-objective, -order) so the worst pops first
+    order = itertools.count()
     count = 0
     cache: dict[tuple, StageCost] = {}
     blocked = cm.cut_blocked()
@@ -46,7 +59,7 @@ def exhaustive(cm: CostModel, bounds: list[int], space: SearchSpace, all_schedul
         for m in space.microbatches:
             reps = [r for r in space.replicas if r <= cm.microbatch(m)]
             def leaf(layout: list[tuple[int, int, int, int]]) -> None:
-                nonlocal best, count
+                nonlocal count
                 n = len(layout)
                 if space.stages is not None and n != space.stages:
                     return
@@ -68,10 +81,15 @@ def exhaustive(cm: CostModel, bounds: list[int], space: SearchSpace, all_schedul
                     prev = devs
                 count += 1
                 obj = objective(schedule, m, costs, space.tie)
-                if best is None or obj < best.objective:
-                    best = Candidate(obj, schedule, m, tuple((bounds[a], bounds[e], r, s, c.checkpoint)
+                if len(heap) < keep or obj < -heap[0][0]:
+                    cand = Candidate(obj, schedule, m, tuple((bounds[a], bounds[e], r, s, c.checkpoint)
                                                              for (a, e, r, s), c in zip(layout, costs)),
                                      1, zero, space.overlap)
+                    item = (-obj, -next(order), cand)
+                    if len(heap) < keep:
+                        heapq.heappush(heap, item)
+                    else:
+                        heapq.heapreplace(heap, item)
 
             def walk(u: int, d: int, acc: list[tuple[int, int, int, int]]) -> None:
                 if u == units:
@@ -86,4 +104,4 @@ def exhaustive(cm: CostModel, bounds: list[int], space: SearchSpace, all_schedul
                                 acc.pop()
 
             walk(0, 0, [])
-    return best, count
+    return [cand for _, _, cand in sorted(heap, key=lambda it: (-it[0], -it[1]))], count

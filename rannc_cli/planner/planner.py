@@ -27,14 +27,14 @@ from rannc_cli.planner.cluster import ClusterSpec
 from rannc_cli.planner.coarsen import coarsen
 from rannc_cli.planner.costmodel import TIE_WEIGHT, CostModel, rank_seconds
 from rannc_cli.planner.forced import Forced
-from rannc_cli.planner.exhaustive import MAX_UNITS, exhaustive
+from rannc_cli.planner.exhaustive import MAX_UNITS, exhaustive_ranked
 from rannc_cli.planner.placement import devices
 from rannc_cli.planner.plan import Plan, StagePlan
 from rannc_cli.planner.redistribution import check_plan_runs
 from rannc_cli.planner.refine import Refiner
 from rannc_cli.planner.search import Candidate, SearchSpace, min_devices, search
 from rannc_cli.planner.simulate import Simulation, simulate
-from rannc_cli.planner.variants import schedule_variants
+from rannc_cli.planner.variants import STRUCTURES, schedule_variants
 from rannc_cli.profiler.format import Profile
 
 GIB = float(1 << 30)
@@ -174,19 +174,17 @@ def _make_plan(profile: Profile, cm: CostModel, forced: Forced, use_exhaustive: 
     count = None
     gap = 0.0
     if use_exhaustive:
-        best, count = exhaustive(cm, bounds, space, all_schedules=forced.schedule is None)
-        cands = [best] if best else []
+        cands, count = exhaustive_ranked(cm, bounds, space, all_schedules=forced.schedule is None,
+                                         keep=max(keep, STRUCTURES))
         calls = 0
     else:
         result = search(cm, bounds, space)
         cands, calls = result.candidates, result.dp_calls
         if not result.exact and result.best is not None:
             gap = result.best.objective / result.lower_bound - 1 if result.lower_bound > 0 else math.inf
-    refiner = None
-    if cands and not use_exhaustive:
-        refiner = Refiner(cm, coarsen(cm, REFINE_UNITS), forced)
-        if len(refiner.bounds) > len(bounds):  # the search ran on coarsened units: re-place boundaries finely
-            cands = refiner.refine_all(cands)
+    refiner = Refiner(cm, coarsen(cm, REFINE_UNITS), forced) if cands else None
+    if refiner is not None and not use_exhaustive and len(refiner.bounds) > len(bounds):
+        cands = refiner.refine_all(cands)  # the search ran on coarsened units: re-place boundaries finely
     if not cands:
         raise _NoPlan(infeasible(cm, bounds, space, forced=forced.shapes_plan))
     sims = []
@@ -194,7 +192,7 @@ def _make_plan(profile: Profile, cm: CostModel, forced: Forced, use_exhaustive: 
         plan = candidate_plan(c, cm)
         sims.append((plan, simulate(plan, cm)))
     sims.sort(key=lambda ps: rank_key(*ps, forced.tie))
-    if refiner is not None:  # the simulator's last word on the boundaries of the best few structures
+    if refiner is not None and not use_exhaustive:  # the simulator's last word on the boundaries of the best few structures
         polished: set[tuple] = set()
         for plan, sim in list(sims):
             key = (plan.schedule, plan.microbatches, tuple((st.replicas, st.devices[0]) for st in plan.stages), plan.zero)
@@ -209,7 +207,7 @@ def _make_plan(profile: Profile, cm: CostModel, forced: Forced, use_exhaustive: 
             if len(polished) >= POLISH_STRUCTURES:
                 break
         sims.sort(key=lambda ps: rank_key(*ps, forced.tie))
-        # interleaved and zb: the best structures re-ranked under those schedules (variants.py)
+    if refiner is not None:  # interleaved and zb: the best structures re-ranked under those schedules (variants.py)
         sims += schedule_variants(cm, refiner, sims, forced, space.microbatches)
         sims.sort(key=lambda ps: rank_key(*ps, forced.tie))
         calls += refiner.calls

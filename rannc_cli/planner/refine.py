@@ -162,10 +162,12 @@ class _Chain:
         F = np.full(U + 1, INF)
         F[0] = 0.0
         args = np.zeros((S, U + 1), dtype=np.int64)
+        cols = np.arange(U + 1)
         for s in range(S):
             cand = op(F[:, None], value[s])  # (start, end)
-            args[s] = cand.argmin(0)
-            F = np.take_along_axis(cand, args[s][None], 0)[0]
+            a = cand.argmin(0)
+            args[s] = a
+            F = cand[a, cols]  # the minima (take_along_axis without its per-call index setup)
         if not np.isfinite(F[U]):
             return None
         out = []

@@ -97,24 +97,30 @@ def _interleaved_order(fwd: list, bwd: list, group: int, groups: int, warm: int)
 
 def _stuck_groups(orders: list[list[RankOp]], stages: int) -> list[int]:
     """Groups whose next op can never run (empty when the orders run to the end)."""
-    done: set[tuple[str, int, int]] = set()
+    mbs = 1 + max((op[1] for ops in orders for op in ops), default=0)
+    done = {"F": [[False] * mbs for _ in range(stages)], "B": [[False] * mbs for _ in range(stages)],
+            "W": [[False] * mbs for _ in range(stages)]}
+    fd, bd = done["F"], done["B"]
     ptr = [0] * len(orders)
     progressed = True
     while progressed:
         progressed = False
         for g, ops in enumerate(orders):
-            while ptr[g] < len(ops):
-                k, m, s = ops[ptr[g]]
+            q = ptr[g]
+            while q < len(ops):
+                k, m, s = ops[q]
                 if k == "F":
-                    ready = s == 0 or ("F", m, s - 1) in done
+                    ready = s == 0 or fd[s - 1][m]
                 elif k == "B":
-                    ready = ("F", m, s) in done and (s == stages - 1 or ("B", m, s + 1) in done)
+                    ready = fd[s][m] and (s == stages - 1 or bd[s + 1][m])
                 else:
-                    ready = ("B", m, s) in done
+                    ready = bd[s][m]
                 if not ready:
                     break
-                done.add((k, m, s))
-                ptr[g] += 1
+                done[k][s][m] = True
+                q += 1
+            if q != ptr[g]:
+                ptr[g] = q
                 progressed = True
     return [g for g, ops in enumerate(orders) if ptr[g] < len(ops) and ops[ptr[g]][0] == "B"]
 
@@ -149,8 +155,20 @@ def zero_bubble_h1(stages: int, microbatches: int) -> list[list[RankOp]]:
     return out
 
 
+_RANK_OPS: dict[tuple[str, int, int, int], tuple[tuple[RankOp, ...], ...]] = {}
+
+
 def rank_ops(schedule: str, groups: int, microbatches: int, virtual: int = 1) -> list[list[RankOp]]:
-    """Per-group op order of ``schedule``; see the module docstring. ``virtual`` > 1 needs 'interleaved'."""
+    """Per-group op order of ``schedule``; see the module docstring. ``virtual`` > 1 needs 'interleaved'.
+    Cached (the simulator and the held-microbatch counts ask for the same orders); each call gets
+    its own lists."""
+    key = (schedule, groups, microbatches, virtual)
+    if key not in _RANK_OPS:
+        _RANK_OPS[key] = tuple(tuple(ops) for ops in _rank_ops(schedule, groups, microbatches, virtual))
+    return [list(ops) for ops in _RANK_OPS[key]]
+
+
+def _rank_ops(schedule: str, groups: int, microbatches: int, virtual: int) -> list[list[RankOp]]:
     if schedule == "interleaved" and virtual > 1:
         return interleaved(groups, microbatches, virtual)
     if virtual != 1:

@@ -302,9 +302,12 @@ class _Tables:
             F[0, 0, 1:] = 0.0
         # a, prev d, ri, prev j, start device; only entries of finite states are written and read back
         ch = np.empty((U + 1, D + 1, J + 1, P, 5), dtype=np.int32)
-        Fmin = np.full((U + 1, D + 1, J + 1), INF)  # least over p: what a stage after an open boundary sees
+        # least over p: what a stage after an open boundary sees; with P = 1 that is F itself (a
+        # view: no copy, no per-unit argmin over a length-1 axis)
+        Fmin = F[..., 0] if P == 1 else np.full((U + 1, D + 1, J + 1), INF)
         Farg = np.zeros((U + 1, D + 1, J + 1), dtype=np.int32)
-        Fmin[0] = F[0].min(-1)
+        if P > 1:
+            Fmin[0] = F[0].min(-1)
         # Pruning that cannot change the result: a start unit a or a device count d whose states are
         # all infinite (or whose stage options are) gives only infinite candidates, which never
         # update F; the kept rows stay in order, so argmin picks the same first minimum.
@@ -313,16 +316,22 @@ class _Tables:
         op = np.add if combine == "sum" else np.maximum
         for e in range(1, U + 1):
             pinned = P > 1 and bool(blk[:e].any())
-            fin_e = np.isfinite(value[:e, e])  # (e, nR, 3, J)
-            for ri, r in enumerate(self.R):
+            # start units with a finite option of each replica count and some live state: (e, nR)
+            use = np.isfinite(value[:e, e]).any((2, 3)) & alive[:e].any(1)[:, None]
+            for ri in np.flatnonzero(use.any(0)).tolist():
+                r = self.R[ri]
                 p = ri if P > 1 else 0
                 Fp, cp = F[:, :, :, p], ch[:, :, :, p]
                 d_at, link_at, skip_nodes = self._place[ri]
-                rows = np.nonzero(fin_e[:, ri].any((1, 2)) & alive[:e].any(1))[0]
-                if not rows.size:
-                    continue
+                rows = np.flatnonzero(use[:, ri])
                 cost_e = value[rows, e, ri]  # (n_rows, 3, J)
-                Fe = np.where(blk[rows, None, None], F[rows, :, :, p], Fmin[rows]) if pinned else Fmin[rows]
+                # Fe(a_idx, d_idx): the states a stage of rows[a_idx] starting after d_idx devices sees,
+                # gathered only at the device counts used below (not every row's D + 1 states)
+                if pinned:
+                    Fr = np.where(blk[rows, None, None], F[rows, :, :, p], Fmin[rows])
+                    Fe = lambda ai_, di_: Fr[ai_, di_, 1:]
+                else:
+                    Fe = lambda ai_, di_: Fmin[rows[ai_], di_, 1:]
                 al = alive[rows]
                 if d_at.size:
                     keep = al[:, d_at].any(0)
@@ -331,26 +340,32 @@ class _Tables:
                         sel = cost_e[:, lk_, :]  # (n_rows, nd, J)
                         if rows[0] == 0:
                             sel[0] = cost_e[0, 0][None, :]
-                        cand = op(Fe[:, dk, 1:], sel)
+                        cand = op(Fe(np.arange(len(rows))[:, None], dk[None, :]), sel)
                         ai = cand.argmin(0)
-                        v_best = np.take_along_axis(cand, ai[None], 0)[0]  # (nd, J); one pass, not argmin + min
+                        v_best = _take_first(cand, ai)  # (nd, J); one pass, not argmin + min
                         self._update(Fp, cp, e, dk + r, v_best, rows[ai], dk, ri, dk)
                 if skip_nodes.size and e > 1 and not self.all_devices:
-                    sub = rows >= 1
+                    sub = np.nonzero(rows >= 1)[0]
                     rs = rows[sub]
-                    base = Fe[sub, : nodes * G].reshape(len(rs), nodes, G, J + 1)[:, skip_nodes, 1:, 1:]  # (n, k, G-1, J)
+                    dd = skip_nodes[:, None] * G + np.arange(1, G)[None, :]  # (k, G-1): a gap up to the next node
+                    # only nodes where some row has a live state at a gap offset (the others give
+                    # only infinite candidates: the same pruning as above)
+                    live = al[sub[:, None, None], dd[None]].any((0, 2)) if sub.size else np.zeros(0, dtype=bool)
+                    skips, dd = skip_nodes[live], dd[live]
+                    base = Fe(sub[:, None, None], dd[None])  # (n, k, G-1, J)
                     if base.size:
                         cand = op(base, cost_e[sub, 2][:, None, None, :])
-                        k = len(skip_nodes)
+                        k = len(skips)
                         flat = cand.transpose(1, 3, 0, 2).reshape(k, J, len(rs) * (G - 1))
                         idx = flat.argmin(-1)
-                        v_best = np.take_along_axis(flat, idx[..., None], -1)[..., 0]  # (k, J)
+                        v_best = _take_last(flat, idx)  # (k, J)
                         a_best = rs[idx // (G - 1)]
-                        d_prev = skip_nodes[:, None] * G + idx % (G - 1) + 1
-                        start = (skip_nodes + 1) * G
+                        d_prev = skips[:, None] * G + idx % (G - 1) + 1
+                        start = (skips + 1) * G
                         self._update(Fp, cp, e, start + r, v_best, a_best, d_prev, ri, start)
-            Farg[e] = F[e].argmin(-1)
-            Fmin[e] = np.take_along_axis(F[e], Farg[e][..., None], -1)[..., 0]
+            if P > 1:
+                Farg[e] = F[e].argmin(-1)
+                Fmin[e] = np.take_along_axis(F[e], Farg[e][..., None], -1)[..., 0]
             alive[e] = np.isfinite(Fmin[e, :, 1:]).any(-1)
         finals = Fmin[U, :, 0]
         if self.all_devices:
@@ -371,33 +386,35 @@ class _Tables:
 
     def _update(self, F, ch, e, d_new, v_best, a_best, d_prev, ri, start) -> None:
         """Keep, per (devices taken, stages left), the better of F[e] and the new options (value
-        with j stages left counting this one lands at j - 1; in bucket mode j = J also stays J)."""
+        with j stages left counting this one lands at j - 1; in bucket mode j = J also stays J).
+        ``d_new`` holds distinct device counts; ``d_prev`` is per device count or per (count, j)."""
         J = self.J
         Fe, ce = F[e], ch[e]
-        d_prev = np.asarray(d_prev)
-        start = np.asarray(start)
-        better = v_best < Fe[d_new, :J]
-        if better.any():
-            dd, jj = np.nonzero(better)
+        cur = Fe[d_new]  # (n, J + 1); its column J is not written by the first part
+        dd, jj = np.nonzero(v_best < cur[:, :J])
+        if dd.size:
             rows = d_new[dd]
             Fe[rows, jj] = v_best[dd, jj]
-            ce[rows, jj, 0] = a_best[dd, jj]
-            ce[rows, jj, 1] = d_prev[dd, jj] if d_prev.ndim == 2 else d_prev[dd]
-            ce[rows, jj, 2] = ri
-            ce[rows, jj, 3] = jj + 1
-            ce[rows, jj, 4] = start[dd]
+            vals = np.empty((dd.size, 5), dtype=np.int32)
+            vals[:, 0] = a_best[dd, jj]
+            vals[:, 1] = d_prev[dd, jj] if d_prev.ndim == 2 else d_prev[dd]
+            vals[:, 2] = ri
+            vals[:, 3] = jj + 1
+            vals[:, 4] = start[dd]
+            ce[rows, jj] = vals
         if self.bucket:
             v = v_best[:, J - 1]
-            better = v < Fe[d_new, J]
-            if better.any():
-                dd = np.nonzero(better)[0]
+            dd = np.flatnonzero(v < cur[:, J])
+            if dd.size:
                 rows = d_new[dd]
                 Fe[rows, J] = v[dd]
-                ce[rows, J, 0] = a_best[dd, J - 1]
-                ce[rows, J, 1] = d_prev[dd, J - 1] if d_prev.ndim == 2 else d_prev[dd]
-                ce[rows, J, 2] = ri
-                ce[rows, J, 3] = J
-                ce[rows, J, 4] = start[dd]
+                vals = np.empty((dd.size, 5), dtype=np.int32)
+                vals[:, 0] = a_best[dd, J - 1]
+                vals[:, 1] = d_prev[dd, J - 1] if d_prev.ndim == 2 else d_prev[dd]
+                vals[:, 2] = ri
+                vals[:, 3] = J
+                vals[:, 4] = start[dd]
+                ce[rows, J] = vals
 
     def candidate(self, stages: list[tuple]) -> tuple[float, Candidate, list[float], float]:
         """(sum, Candidate, maxima per coordinate, max all-reduce) of a DP result."""
@@ -415,6 +432,18 @@ class _Tables:
         _, weights = self.coords()
         obj = total + sum(w * x for w, x in zip(weights, maxima)) + ar
         return total, Candidate(obj, self.schedule, self.m, tuple(out), 1, self.zero, self.overlap), maxima, ar
+
+
+def _take_first(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``np.take_along_axis(x, idx[None], 0)[0]`` for a 3-d ``x`` (without its per-call index setup)."""
+    n = idx.size
+    return x.reshape(x.shape[0], n)[idx.ravel(), np.arange(n)].reshape(idx.shape)
+
+
+def _take_last(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``np.take_along_axis(x, idx[..., None], -1)[..., 0]``."""
+    n = idx.size
+    return x.reshape(n, x.shape[-1])[np.arange(n), idx.ravel()].reshape(idx.shape)
 
 
 def unit_ranges(cm: CostModel, bounds: list[int]) -> dict[str, np.ndarray]:

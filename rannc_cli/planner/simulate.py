@@ -27,8 +27,8 @@ divides the optimizer state by the stage's replicas.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Callable, Sequence
 
 from rannc_cli.planner.costmodel import SCHEDULES, CostModel, StageCost, bucket_bytes, exposed_allreduce, objective
 from rannc_cli.planner.placement import allreduce_link
@@ -55,8 +55,16 @@ class Simulation:
     memory: list[float]  # peak bytes per GPU of each stage (interleaved: of its group, all chunks)
     in_flight: list[int]
     busy: list[float]  # seconds each stage's group computes or communicates per step
-    events: list[Event]
+    _events: list[Event] | Callable[[], list[Event]] = field(repr=False, compare=False)
     capacity: float = float("inf")
+
+    @property
+    def events(self) -> list[Event]:
+        """Every op and all-reduce of the step, in the order the sweep ran them (built on first
+        use: ranking plans needs only the times)."""
+        if callable(self._events):
+            self._events = self._events()
+        return self._events
 
     @property
     def fits(self) -> bool:
@@ -76,47 +84,105 @@ def _orders(schedule: str, groups: int, microbatches: int, virtual: int) -> list
     return _RANK_ORDERS[key]
 
 
-def _sweep(forward: Sequence[float], backward: Sequence[float], weight: Sequence[float] | None, schedule: str,
-           microbatches: int, virtual: int, events: list | None) -> tuple[list[float], list[list[float]]]:
-    """Greedy sweep over the groups' op lists; returns each group's end and each stage's op ends
-    [F ends, B ends, W ends] per microbatch. With ``weight`` (zb) B takes backward - weight, W weight."""
-    S, M = len(forward), microbatches
-    p = S // virtual
-    orders = _orders(schedule, p, M, virtual)
-    ends = [[[-1.0] * M for _ in range(S)] for _ in range(3)]
-    fe, be, we = ends
+_PROGRAMS: dict[tuple[str, int, int, int], tuple] = {}
+
+
+def _program(schedule: str, stages: int, microbatches: int, virtual: int) -> tuple:
+    """The groups' op lists flattened into one order in which every op comes after the ops it
+    waits for (the order a greedy sweep over the groups reaches them; it does not depend on the
+    durations), cached: ``(prog, meta, last)`` with ``prog[i] = (data op, previous op of the
+    group, duration slot)`` as 1-based op indices (0: no such op, time 0), duration slot
+    ``kind * S + stage``, ``meta[i] = (kind, microbatch, stage, group)`` and ``last[g]`` the index
+    of group g's last op (0 for none)."""
+    key = (schedule, stages, microbatches, virtual)
+    if key not in _PROGRAMS:
+        S, M = stages, microbatches
+        p = S // virtual
+        orders = _orders(schedule, p, M, virtual)
+        idx = [[[0] * M for _ in range(S)] for _ in range(3)]  # op index of (kind, stage, microbatch); 0: not yet
+        fi, bi, wi = idx
+        prog: list[tuple[int, int, int]] = []
+        meta: list[tuple[int, int, int, int]] = []
+        ptr = [0] * p
+        last = [0] * p
+        remaining = sum(len(o) for o in orders)
+        while remaining:
+            progressed = False
+            for g in range(p):
+                ops, q = orders[g], ptr[g]
+                while q < len(ops):
+                    k, m, s = ops[q]
+                    if k == 0:
+                        d, ready = (fi[s - 1][m], fi[s - 1][m] > 0) if s > 0 else (0, True)
+                    elif k == 1:
+                        d = bi[s + 1][m] if s < S - 1 else fi[s][m]
+                        ready = d > 0
+                    else:
+                        d = bi[s][m]
+                        ready = d > 0
+                    if not ready:
+                        break
+                    prog.append((d, last[g], k * S + s))
+                    meta.append((k, m, s, g))
+                    last[g] = len(prog)
+                    idx[k][s][m] = len(prog)
+                    q += 1
+                if q != ptr[g]:
+                    progressed = True
+                    remaining -= q - ptr[g]
+                    ptr[g] = q
+            if not progressed:  # pragma: no cover - the schedules never deadlock
+                raise RuntimeError(f"schedule {schedule} deadlocked")
+        _PROGRAMS[key] = (prog, meta, last)
+    return _PROGRAMS[key]
+
+
+def _run(forward: Sequence[float], backward: Sequence[float], weight: Sequence[float] | None, schedule: str,
+         microbatches: int, virtual: int) -> tuple[list[float], tuple]:
+    """Every op's end time (1-based as in ``_program``; ``t[0] = 0``) and the program. Each op
+    starts at the later of its data's arrival and its group's previous op's end. With ``weight``
+    (zb) B takes backward - weight, W weight."""
+    S = len(forward)
+    program = _program(schedule, S, microbatches, virtual)
     bdur = [b - w for b, w in zip(backward, weight)] if weight is not None else list(backward)
-    dur = (list(forward), bdur, list(weight) if weight is not None else [0.0] * S)
-    ptr = [0] * p
-    free = [0.0] * p
-    remaining = sum(len(o) for o in orders)
-    while remaining:
-        progressed = False
-        for g in range(p):
-            ops, q, t = orders[g], ptr[g], free[g]
-            while q < len(ops):
-                k, m, s = ops[q]
-                if k == 0:
-                    d = fe[s - 1][m] if s > 0 else 0.0
-                elif k == 1:
-                    d = be[s + 1][m] if s < S - 1 else fe[s][m]
-                else:
-                    d = be[s][m]
-                if d < 0:
-                    break
-                st = d if d > t else t
-                t = st + dur[k][s]
-                ends[k][s][m] = t
-                if events is not None:
-                    events.append(Event(s, "FBW"[k], m, st, t, g))
-                q += 1
-            if q != ptr[g]:
-                progressed = True
-                remaining -= q - ptr[g]
-                ptr[g], free[g] = q, t
-        if not progressed:  # pragma: no cover - the schedules never deadlock
-            raise RuntimeError(f"schedule {schedule} deadlocked")
-    return free, ends
+    dur = [*forward, *bdur, *(weight if weight is not None else [0.0] * S)]
+    t = [0.0]
+    app = t.append
+    for a, b, c in program[0]:
+        x = t[a]
+        y = t[b]
+        app((x if x > y else y) + dur[c])
+    return t, program
+
+
+def _ends(t: list[float], program: tuple, stages: int, microbatches: int) -> list[list[list[float]]]:
+    """Each stage's op ends [F ends, B ends, W ends] per microbatch (-1 where no such op)."""
+    ends = [[[-1.0] * microbatches for _ in range(stages)] for _ in range(3)]
+    for i, (k, m, s, _g) in enumerate(program[1], 1):
+        ends[k][s][m] = t[i]
+    return ends
+
+
+def _op_events(t: list[float], program: tuple) -> list[Event]:
+    """The ops as Events (start: the later of the data's arrival and the group's previous end)."""
+    out = []
+    for i, ((a, b, _c), (k, m, s, g)) in enumerate(zip(program[0], program[1]), 1):
+        x = t[a]
+        y = t[b]
+        out.append(Event(s, "FBW"[k], m, x if x > y else y, t[i], g))
+    return out
+
+
+def _sweep(forward: Sequence[float], backward: Sequence[float], weight: Sequence[float] | None, schedule: str,
+           microbatches: int, virtual: int, events: list | None) -> tuple[list[float], list[list[float]] | None]:
+    """Greedy sweep over the groups' op lists; returns each group's end and (with ``events``, which
+    gets every op appended) each stage's op ends [F ends, B ends, W ends] per microbatch."""
+    t, program = _run(forward, backward, weight, schedule, microbatches, virtual)
+    free = [t[i] for i in program[2]]
+    if events is None:
+        return free, None
+    events.extend(_op_events(t, program))
+    return free, _ends(t, program, len(forward), microbatches)
 
 
 def simulate_times(forward: list[float], backward: list[float], schedule: str, microbatches: int,
@@ -217,12 +283,18 @@ def simulate(plan: Plan, cm: CostModel) -> Simulation:
         a, c.grad_seconds, float(cm.range_info(st.start, st.end).trainable_bytes), plan.zero, plan.allreduce_overlap,
         bucket)) for c, a, st in zip(costs, full, plan.stages)]
     p, v, M = plan.groups, plan.virtual_stages, plan.microbatches
-    events: list[Event] = []
     zb = plan.schedule == "zb"
-    free, ends = _sweep([c.forward for c in costs], [c.backward for c in costs],
-                        [c.weight for c in costs] if zb else None, plan.schedule, M, v, events)
+    t, program = _run([c.forward for c in costs], [c.backward for c in costs], [c.weight for c in costs] if zb else None,
+                      plan.schedule, M, v)
+    free = [t[i] for i in program[2]]
     pipe = max(free) if free else 0.0
-    step = step_with_allreduce(pipe, last_gradient_ends(ends, plan.schedule), costs, p, plan.allreduce_overlap, events)
+    last_end = last_gradient_ends(_ends(t, program, len(costs), M), plan.schedule)
+    step = step_with_allreduce(pipe, last_end, costs, p, plan.allreduce_overlap)
+
+    def events() -> list[Event]:  # the same sweep's ops, then the same all-reduce pass with events
+        out = _op_events(t, program)
+        step_with_allreduce(pipe, last_end, costs, p, plan.allreduce_overlap, out)
+        return out
     held = held_per_stage(plan)
     memory = group_memory(costs, p)
     group_busy = [0.0] * p

@@ -3,7 +3,9 @@
     cost = measure_block(stage, inputs, microbatch=8, warmup=2, repeats=5)
 
 Times are medians of up to ``repeats`` timed runs after up to ``warmup`` untimed ones (both cut
-short for blocks that take long: see ``budget_seconds``); CUDA runs time the kernels with CUDA
+short for blocks that take long: see ``budget_seconds``, and timing stops once ``STEADY_RUNS`` runs
+agree within ``STEADY_SPREAD``); the memory and FLOP pass, a forward and backward itself, runs
+first and counts as the first warm-up. CUDA runs time the kernels with CUDA
 events behind a GPU sleep that hides launch latency (see ``_cuda_times``) and use the caching
 allocator's peak statistics for memory; CPU runs use wall time and tensor-size accounting
 (rannc_cli.profiler.memory).
@@ -97,6 +99,20 @@ def measure_memory_and_flops(run: BlockRun) -> tuple[int, int, float, float]:
             float(bwd_counter.get_total_flops()))
 
 
+STEADY_RUNS = 3        # timing stops early once this many runs ...
+STEADY_SPREAD = 0.03   # ... lie within this fraction of their median (forward + backward)
+
+
+def _enough(fwd: list[float], bwd: list[float], budget_seconds: float) -> bool:
+    """Stop timing: the budget is spent, or the runs so far agree (more would not move the median)."""
+    if sum(fwd) + sum(bwd) > budget_seconds:
+        return True
+    if len(fwd) < STEADY_RUNS:
+        return False
+    totals = [f + b for f, b in zip(fwd, bwd)]
+    return max(totals) - min(totals) <= STEADY_SPREAD * statistics.median(totals)
+
+
 def _wall_times(run: BlockRun, repeats: int, budget_seconds: float) -> tuple[list[float], list[float]]:
     fwd, bwd = [], []
     for _ in range(max(1, repeats)):
@@ -108,7 +124,7 @@ def _wall_times(run: BlockRun, repeats: int, budget_seconds: float) -> tuple[lis
         del outs
         fwd.append(t1 - t0)
         bwd.append(t2 - t1)
-        if sum(fwd) + sum(bwd) > budget_seconds:
+        if _enough(fwd, bwd, budget_seconds):
             break
     return fwd, bwd
 
@@ -144,11 +160,11 @@ def _cuda_times(run: BlockRun, repeats: int, budget_seconds: float, hint: float)
     for _ in range(max(1, repeats)):
         f, outs = timed(run.forward)
         grad_outputs = run.grad_outputs(outs)
-        b, _ = timed(lambda: run.backward(outs, grad_outputs))
+        b, _ = timed(lambda outs=outs: run.backward(outs, grad_outputs))
         del outs
         fwd.append(f)
         bwd.append(b)
-        if sum(fwd) + sum(bwd) > budget_seconds:
+        if _enough(fwd, bwd, budget_seconds):
             break
     return fwd, bwd
 
@@ -157,14 +173,16 @@ def measure_block(stage: torch.nn.Module, inputs: Sequence[Any], microbatch: int
                   repeats: int = 5, budget_seconds: float = 1.0) -> BlockCost:
     """Time and memory of one block at one microbatch size (see the module docstring).
 
-    Timing stops early once ``budget_seconds`` of timed work has been spent (at least one run),
-    and warm-up stops once a single run takes half the budget: big blocks need few samples.
+    Timing stops early once ``budget_seconds`` of timed work has been spent (at least one run) or
+    the runs agree (``_enough``), and warm-up stops once a single run takes half the budget: big
+    blocks need few samples. The memory and FLOP pass runs first, as the first of the ``warmup`` runs.
     """
     run = BlockRun(stage, inputs)
     device = _device_of(run)
     sync = _synchronizer(device)
+    activation, peak, flops_f, flops_b = measure_memory_and_flops(run)   # the first warm-up
     warm = 0.0
-    for _ in range(max(0, warmup)):
+    for _ in range(max(0, warmup - 1)):
         t0 = time.perf_counter()
         outs = run.forward()
         run.backward(outs, run.grad_outputs(outs))
@@ -177,7 +195,6 @@ def measure_block(stage: torch.nn.Module, inputs: Sequence[Any], microbatch: int
         fwd, bwd = _cuda_times(run, repeats, budget_seconds, warm)
     else:
         fwd, bwd = _wall_times(run, repeats, budget_seconds)
-    activation, peak, flops_f, flops_b = measure_memory_and_flops(run)
     forward, backward = statistics.median(fwd), statistics.median(bwd)
     return BlockCost(
         microbatch=microbatch,

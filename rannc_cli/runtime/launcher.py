@@ -97,7 +97,7 @@ def run_local(script: str | Path, script_args: list[str], nproc: int, stages: in
 
     base = dict(os.environ)
     base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(nproc),
-                LOCAL_WORLD_SIZE=str(nproc), PYTHONUNBUFFERED="1")
+                LOCAL_WORLD_SIZE=str(nproc), PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
     base.setdefault("OMP_NUM_THREADS", "1")
     timeout = hang_timeout()
     for key, value in (("RANNC_STAGES", stages), ("RANNC_MICROBATCHES", microbatches),

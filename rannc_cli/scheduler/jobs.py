@@ -24,7 +24,8 @@ from rannc_cli.errors import RanncError
 from rannc_cli.scheduler.backend import CANCELLED_BY_USER, Backend, get_backend
 from rannc_cli.scheduler.records import FINAL, PHASES, JobRecord, all_jobs, find_job, now
 
-_ERROR_LINE = re.compile(r"^(\w+(\.\w+)*(Error|Exception|Interrupt)|Traceback \(most recent call last\)|error:)")
+# a Python exception, "error:" lines, and a crash (PYTHONFAULTHANDLER=1 in every rank's environment)
+_ERROR_LINE = re.compile(r"^(\w+(\.\w+)*(Error|Exception|Interrupt)|Traceback \(most recent call last\)|error:|Fatal Python error:)")
 
 
 # ---------------------------------------------------------------------- scheduler access

@@ -34,6 +34,16 @@ def job_folder(logs: Path) -> Path:
     return folders[-1]
 
 
+def job_logs(logs: Path, tail: int = 1500) -> str:
+    """The newest job folder's scripts' and ranks' logs (tails), for failure messages."""
+    try:
+        folder = job_folder(logs)
+    except (AssertionError, FileNotFoundError):
+        return f"\n(no job folder under {logs})"
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in (".log", ".out", ".err"))
+    return "".join(f"\n--- {p.relative_to(folder)}\n" + p.read_text(errors="replace")[-tail:] for p in files)
+
+
 def record(folder: Path) -> dict:
     import yaml
 

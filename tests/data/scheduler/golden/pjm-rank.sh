@@ -8,7 +8,7 @@ if [ -z "$RANK" ]; then
     exit 2
 fi
 export RANK WORLD_SIZE=32 LOCAL_RANK="${LOCAL_RANK:-$((RANK % 8))}"
-export LOCAL_WORLD_SIZE=8 PYTHONUNBUFFERED=1
+export LOCAL_WORLD_SIZE=8 PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
 cd /home/alice/src || exit 2
 exec >> "$RANNC_JOB_DIR/train/rank-$RANK.log" 2>&1
 exec /home/alice/venv/bin/python /home/alice/src/train.py --lr 0.1

@@ -16,7 +16,7 @@ if [ -z "$RANK" ]; then
     exit 2
 fi
 export RANK WORLD_SIZE=2 LOCAL_RANK="${LOCAL_RANK:-$((RANK % 1))}"
-export LOCAL_WORLD_SIZE=1 PYTHONUNBUFFERED=1
+export LOCAL_WORLD_SIZE=1 PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
 cd /home/alice/src || exit 2
 exec >> "$RANNC_JOB_DIR/train/rank-$RANK.log" 2>&1
 printf '%s %s\n' "$(hostname)" "$$" > "$RANNC_JOB_DIR/train/rank-$RANK.pid"
