@@ -8,8 +8,9 @@ Measured: the block's backward runs the way the runtime's 'zb' path runs it
 (rannc_cli.runtime.split_backward.split_backward with the stage's parameters and the inputs that
 require grad, then ``WeightGrad.run()``, which accumulates into ``.grad``), and B and W are timed
 separately, each repetition right after a plain backward (``torch.autograd.grad`` to inputs and
-parameters, as measure.py times it) on a fresh forward: up to ``repeats`` timed repetitions
-after up to ``warmup`` untimed ones, cut short after ``budget_seconds`` of timed work. The
+parameters, as measure.py times it, keeping the graph) of the same forward: up to ``repeats``
+timed repetitions (at most 3) after one untimed split (the plain path is warm from measure.py),
+cut short after ``budget_seconds`` of timed work or once they agree within 3% (as measure.py). The
 result is the plain backward the profile already holds (``backward_seconds``) times the medians
 of the per-repetition ratios B / plain and W / plain: the ratio is measured under the same load
 as its plain reference, so a load change between measure.py's timing and this one does not leak
@@ -36,6 +37,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from rannc_cli.profiler.format import BlockCost
+from rannc_cli.profiler.measure import STEADY_RUNS, STEADY_SPREAD
 from rannc_cli.runtime.split_backward import split_backward
 
 _GPU_HZ = 2.0e9  # an upper bound on GPU clocks (as in measure.py), for the sleep that hides launches
@@ -91,36 +93,52 @@ def _clock(device: torch.device) -> Callable[[Callable[[], Any]], tuple[float, A
     return timed_cuda
 
 
+def _steady(ps: list[float], bs: list[float], ws: list[float]) -> bool:
+    """The last ``STEADY_RUNS`` repetitions' (B + W) / plain ratios agree within ``STEADY_SPREAD``."""
+    ratios = [(b + w) / p for p, b, w in zip(ps, bs, ws) if p > 0][-STEADY_RUNS:]
+    if len(ratios) < STEADY_RUNS:
+        return False
+    return max(ratios) - min(ratios) <= STEADY_SPREAD * statistics.median(ratios)
+
+
 def measure_split(stage: torch.nn.Module, inputs: Sequence[Any], warmup: int = 2, repeats: int = 5,
                   budget_seconds: float = 1.0) -> tuple[list[float], list[float], list[float]]:
-    """Per timed repetition: (plain backward, B, W) seconds of one block (see the module docstring)."""
+    """Per timed repetition: (plain backward, B, W) seconds of one block (see the module docstring).
+
+    One forward per repetition: the plain backward keeps the graph and B and W then run on it.
+    The block's plain path is already warm (measure.py ran it just before), so at most one
+    untimed split runs first (none with ``warmup`` 0), and at most ``STEADY_RUNS`` (3) timed
+    repetitions, fewer once they agree within ``STEADY_SPREAD`` or the budget is spent: the ratios
+    are taken under the same load as their reference, and 5 repetitions made the split cost as
+    much as all of measure.py's timing (1.1 s vs 1.0 s for examples/transformer_lm.py at
+    microbatches 8 and 32).
+    """
     run = _SplitRun(stage, inputs)
     timed = _clock(run.device())
     saved = [p.grad for p in run.params]
     targets = [x for x in run.wanted if x is not None] + run.params
 
-    def once() -> tuple[float, float, float]:
+    def once(plain_too: bool = True) -> tuple[float, float, float]:
         outs, seeds = run.forward()
         if not outs or not targets:
             return 0.0, 0.0, 0.0
-        plain, _ = timed(lambda: torch.autograd.grad(outs, targets, seeds, allow_unused=True))
-        outs, seeds = run.forward()
+        plain = 0.0
+        if plain_too:
+            plain, _ = timed(lambda: torch.autograd.grad(outs, targets, seeds, retain_graph=True, allow_unused=True))
         b, (_grads, weight) = timed(lambda: split_backward(outs, seeds, run.wanted, run.params))
         w, _ = timed(weight.run)
         return plain, b, w
 
     ps, bs, ws = [], [], []
     try:
-        for _ in range(max(0, warmup)):
-            plain, b, w = once()
-            if plain + b + w > budget_seconds / 2:
-                break
-        for _ in range(max(1, repeats)):
+        if warmup > 0:
+            once(plain_too=False)
+        for _ in range(max(1, min(repeats, STEADY_RUNS))):
             plain, b, w = once()
             ps.append(plain)
             bs.append(b)
             ws.append(w)
-            if sum(ps) + sum(bs) + sum(ws) > budget_seconds:
+            if sum(ps) + sum(bs) + sum(ws) > budget_seconds or _steady(ps, bs, ws):
                 break
     finally:
         for p, g in zip(run.params, saved):
