@@ -18,7 +18,8 @@ are torch / rannc step time (target >= 1.0: rannc no slower). The CPU time per s
 is printed too: other processes' load does not inflate it. With ``predict`` in ``--only`` the step
 rannc_cli.planner.simulate predicts for each rannc plan (profile measured here, gloo loopback
 links measured) is printed beside the measured one (target within 15%), or "n/a" where the
-simulator cannot price that schedule.
+simulator cannot price that schedule, and so is the compute it predicts per step summed over the
+ranks beside the measured CPU time of all ranks (what other processes' load inflates least).
 """
 
 from __future__ import annotations
@@ -262,8 +263,10 @@ def _spawn(role: str, args) -> dict:
             "loss": next((r["loss"] for r in results if r["loss"]), 0.0), "bounds": results[0].get("bounds")}
 
 
-def _predictions(args, bounds: dict[str, list[int]]) -> dict[str, float | None]:
-    """Simulated step of each rannc plan, or None where the simulator cannot price its schedule."""
+def _predictions(args, bounds: dict[str, list[int]]) -> tuple[dict[str, float | None], dict[str, float]]:
+    """Simulated step of each rannc plan (None where the simulator cannot price its schedule), and
+    the compute it predicts per step summed over the ranks (``Simulation.busy`` of each group),
+    which compares with the measured CPU time of all ranks also on a loaded machine."""
     _one_thread(False)
     from rannc_cli.planner.cluster import ClusterSpec, Link
     from rannc_cli.planner.costmodel import CostModel
@@ -283,6 +286,7 @@ def _predictions(args, bounds: dict[str, list[int]]) -> dict[str, float | None]:
     profile, _ = profile_model(WithLoss(_logits(args)), (x, y), {}, mode="measured", use_cache=False,
                                microbatch_sizes=[args.batch // args.microbatches, args.batch])
     out: dict[str, float | None] = {}
+    busy: dict[str, float] = {}
     for role, schedule, virtual in (("rannc_1f1b", "1f1b", 1), ("rannc_interleaved", "interleaved", 2),
                                     ("rannc_zb", "zb", 1)):
         if role not in bounds:
@@ -292,9 +296,10 @@ def _predictions(args, bounds: dict[str, list[int]]) -> dict[str, float | None]:
                              bounds=bounds[role], gpus_per_node=args.nproc, virtual=virtual)
             sim = simulate(plan, CostModel(profile, cluster, args.batch))
             out[role] = float(sim.step_seconds if hasattr(sim, "step_seconds") else sim[0])
+            busy[role] = float(sum(sim.busy[:plan.groups]))
         except Exception:  # noqa: BLE001 - a schedule the simulator does not know yet
             out[role] = None
-    return out
+    return out, busy
 
 
 def _uptime() -> str:
@@ -362,8 +367,13 @@ def main() -> None:
             print(f"{ours} vs {theirs}: throughput ratio {ratio:.3f} (target >= 1.0) {'MET' if ratio >= 1.0 else 'NOT MET'}; "
                   f"CPU ratio {cratio:.3f}")
     if "predict" in wanted:
-        pred = _predictions(args, bounds)
+        pred, busy = _predictions(args, bounds)
         figures["predicted_ms"] = {r: (v * 1e3 if v is not None else None) for r, v in pred.items()}
+        figures["predicted_cpu_ms"] = {r: v * 1e3 for r, v in busy.items()}
+        for role, value in busy.items():
+            if role in cmed:
+                print(f"predicted compute for {role}, all ranks: {value * 1e3:.1f} ms vs measured CPU "
+                      f"{cmed[role] * 1e3:.1f} ms: {(value / cmed[role] - 1.0) * 100:+.1f}% (load-insensitive check)")
         for role, value in pred.items():
             if value is None or role not in med:
                 print(f"predicted step for {role}: n/a (the simulator does not price this schedule yet)")

@@ -58,7 +58,7 @@ def test_hand_edits_that_keep_references_load(tmp_path, profile_dict):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda d: d.update(version=2), "profile format version 2"),
+    (lambda d: d.update(version=3), "profile format version 3"),
     (lambda d: d.update(format="something"), "is not a rannc profile"),
     (lambda d: d["blocks"][1].update(cls=99), "names class 99"),
     (lambda d: d["blocks"][1]["inputs"].append("nowhere"), "names value 'nowhere'"),

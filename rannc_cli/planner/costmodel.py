@@ -21,9 +21,15 @@ Per stage covering blocks ``start..end-1`` with ``r`` replicas, ``M`` microbatch
   the last bucket's share); ZeRO-1 (``zero``) divides the optimizer state by r and adds the
   all-gather of the updated parameters after the step (half an all-reduce, never hidden; the
   gradients are still all-reduced in full, see ``exposed_allreduce``);
-- 'zb' splits the backward into B (input gradients) and W (weight gradients): W is
-  ``weight_share`` (W_SHARE = 1/2) of the backward of blocks with trainable parameters, none of
-  parameter-free blocks (the profile does not measure the split);
+- 'zb' splits the backward into B (input gradients) and W (weight gradients), per block
+  (``split_arrays``): the profile's measured (or estimated) ``backward_input_seconds`` and
+  ``backward_weight_seconds`` where it has them (format version 2; B + W may exceed the plain
+  backward: the runtime's split walks the graph and runs one backward call per parameter group),
+  else the plain backward split by ``weight_share``: W_SHARE = 1/2 of it for blocks with
+  trainable parameters, none for parameter-free blocks. The runtime's B computes only the
+  gradients of the stage's inputs, so blocks not on a gradient path from them (all of a first
+  stage's) have B = 0 and their whole plain backward in W (``stage_split``). A zb stage's
+  backward is then B + W (checkpointed: forward + B + W, the recompute runs at B), its W op W;
 - memory per GPU: parameters and buffers + gradients + optimizer state (trainable bytes x
   ``optimizer_state_factor``) + in-flight microbatches x (saved activations + received inputs)
   + the largest block's working peak; with checkpointing only the received inputs stay per
@@ -273,28 +279,89 @@ class CostModel:
         opt = self.opt_factor / replicas if zero else self.opt_factor
         return float(info.param_bytes) + float(info.trainable_bytes) * (1.0 + opt)
 
-    def weight_share(self) -> np.ndarray:
-        """Per block: the share of its backward that computes weight gradients ('zb''s W op):
-        ``W_SHARE`` for blocks with trainable parameters (the parameter GEMMs' half of the backward),
-        0 for parameter-free ones (the profile does not measure the split)."""
+    def default_weight_share(self) -> np.ndarray:
+        """Per block, for profiles without the measured split: ``W_SHARE`` for blocks with trainable
+        parameters (the parameter GEMMs' half of the backward), 0 for parameter-free ones."""
         if not hasattr(self, "_wshare"):
             prof = self.profile
             self._wshare = np.array([W_SHARE if any(prof.parameters[p].trainable and prof.parameters[p].kind == "parameter"
                                                     for p in b.params) else 0.0 for b in prof.blocks], dtype=float)
         return self._wshare
 
+    def split_arrays(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
+        """(B, W) seconds per block at this shard size, 'zb''s split of the backward: the profile's
+        ``backward_input_seconds`` / ``backward_weight_seconds`` where its class has them, else
+        the plain backward split by ``default_weight_share``."""
+        cache = self.__dict__.setdefault("_split_arrays", {})
+        if shard not in cache:
+            per_class = {c.id: c.cost_at(shard) for c in self.profile.classes}
+            share = self.default_weight_share()
+            bs, ws = [], []
+            for i, blk in enumerate(self.profile.blocks):
+                c = per_class[blk.cls]
+                if c.has_split:
+                    bs.append(float(c.backward_input_seconds))
+                    ws.append(float(c.backward_weight_seconds))
+                else:
+                    bs.append(c.backward_seconds * (1.0 - share[i]))
+                    ws.append(c.backward_seconds * share[i])
+            cache[shard] = (np.array(bs, dtype=float), np.array(ws, dtype=float))
+        return cache[shard]
+
+    def input_reached(self, start: int) -> np.ndarray:
+        """Per block: whether, in a stage that starts at block ``start``, it lies on a gradient path
+        from the stage's inputs: it reads a floating value made before ``start`` (received; user
+        inputs are taken to want no gradient), or one made by a reached block of the stage. Blocks
+        before ``start`` are False. The runtime's 'zb' B computes the input gradients only, so an
+        unreached block's whole backward runs in W (runtime/split_backward.py: a first stage's B
+        is empty)."""
+        cache = self.__dict__.setdefault("_reached", {})
+        if start not in cache:
+            prof = self.profile
+            reached = np.zeros(self.n, dtype=bool)
+            for b in range(start, self.n):
+                for v in prof.blocks[b].inputs:
+                    producer = prof.values[v].producer
+                    if producer is not None and self._float_value[v] and (producer < start or reached[producer]):
+                        reached[b] = True
+                        break
+            cache[start] = reached
+        return cache[start]
+
+    def stage_split(self, start: int, shard: int) -> tuple[np.ndarray, np.ndarray]:
+        """(B, W) seconds per block for a 'zb' stage starting at ``start`` (sum a range of them):
+        ``split_arrays`` for blocks on a path from the stage's inputs (``input_reached``), B = 0
+        and W = the plain backward for the others."""
+        bs, ws = self.split_arrays(shard)
+        bwd = self.block_arrays(shard)[1]
+        reached = self.input_reached(start)
+        return np.where(reached, bs, 0.0), np.where(reached, ws, bwd)
+
+    def weight_share(self, shard: int) -> np.ndarray:
+        """Per block at this shard size: W / (B + W) of its split backward (``split_arrays``)."""
+        b, w = self.split_arrays(shard)
+        total = b + w
+        return np.divide(w, total, out=np.zeros_like(w), where=total > 0)
+
     def stage_cost(self, start: int, end: int, replicas: int, microbatches: int, link_in: str | None,
                    allreduce: str, in_flight: int, checkpoint: bool, zero: int = 0, overlap: bool = False,
                    split_weight: bool = False) -> StageCost:
         """Cost of blocks ``start..end-1`` as one stage (see the module doc for every term);
-        ``split_weight``: the 'zb' split of the backward in B and W (``weight_share``)."""
+        ``split_weight``: the 'zb' split of the backward in B and W (``split_arrays``): the
+        backward is B + W (checkpointed: forward + B + W), ``weight`` W."""
         m = self.shard(microbatches, replicas)
         fwd, bwd, rec, act, peak = self.block_arrays(m)
         info = self.range_info(start, end)
         f = float(fwd[start:end].sum())
-        b = float((rec if checkpoint else bwd)[start:end].sum())
-        plain_b = float(bwd[start:end].sum())
-        w = float((bwd[start:end] * self.weight_share()[start:end]).sum()) if split_weight else 0.0
+        if split_weight:
+            bs, ws = self.stage_split(start, m)
+            w = float(ws[start:end].sum())
+            plain_b = float(bs[start:end].sum()) + w
+            b = f + plain_b if checkpoint else plain_b
+        else:
+            b = float((rec if checkpoint else bwd)[start:end].sum())
+            plain_b = float(bwd[start:end].sum())
+            w = 0.0
         a = float(act[start:end].sum())
         pk = float(peak[start:end].max()) if end > start else 0.0
         in_b = float(info.in_fixed + info.in_per_sample * m)

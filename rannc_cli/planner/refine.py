@@ -33,7 +33,9 @@ from rannc_cli.planner.search import INF, Candidate, _branch_and_bound, _State, 
 
 def _range_arrays(cm: CostModel, bounds: list[int], sh: int, zb: bool) -> tuple[np.ndarray, ...]:
     """(forward, backward, recompute, activation, W share, peak) of every unit range at shard ``sh``,
-    arrays (start unit, end unit); memoised on ``cm`` (every chain of a refinement shares them)."""
+    arrays (start unit, end unit); memoised on ``cm`` (every chain of a refinement shares them).
+    With ``zb`` the backward is B + W of ``cm.stage_split`` (recompute: forward + B + W), as in
+    ``CostModel.stage_cost``."""
     cache = cm.__dict__.setdefault("_chain_ranges", {})
     key = (tuple(bounds), sh, zb)
     if key not in cache:
@@ -45,8 +47,17 @@ def _range_arrays(cm: CostModel, bounds: list[int], sh: int, zb: bool) -> tuple[
             cs = np.concatenate([[0.0], np.cumsum(x)])[bidx]
             return cs[None, :] - cs[:, None]
 
-        f, b, rc, a = rng(fwd), rng(bwd), rng(rec), rng(act)
-        wt = rng(bwd * cm.weight_share()) if zb else np.zeros_like(b)
+        if zb:  # B and W depend on where the stage starts (CostModel.stage_split): one row per start
+            b, rc, wt = (np.zeros((U + 1, U + 1)) for _ in range(3))
+            for s0 in range(U):
+                bs, ws = cm.stage_split(bounds[s0], sh)
+                for out, x in ((b, bs + ws), (rc, fwd + bs + ws), (wt, ws)):
+                    cs = np.concatenate([[0.0], np.cumsum(x)])[bidx]
+                    out[s0] = np.where(np.arange(U + 1) > s0, cs - cs[s0], 0.0)
+            f, a = rng(fwd), rng(act)
+        else:
+            f, b, rc, a = rng(fwd), rng(bwd), rng(rec), rng(act)
+            wt = np.zeros_like(b)
         unit_peak = np.array([peak[bounds[u]:bounds[u + 1]].max() for u in range(U)])
         pk = np.zeros((U + 1, U + 1))
         for s0 in range(U):

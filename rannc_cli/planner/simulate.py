@@ -8,9 +8,9 @@ of group i % p) runs its op list from ``schedules.rank_ops`` in order, one timel
 op starts when the group is free and its data is there: F(s, m) after F(s-1, m) (p2p time is part
 of the receiving stage's op, see costmodel.py; between chunks on the same GPUs there is none),
 B(s, m) after B(s+1, m), the last stage's B(m) after its F(m), and with 'zb' W(s, m) after B(s, m):
-B takes the backward minus its weight-gradient share (``CostModel.weight_share``: half the
-backward of blocks with parameters, none of parameter-free ones; the profile does not measure the
-split), W the rest. Gradient all-reduces: without ``allreduce_overlap`` they start once the
+a zb stage's backward is B + W (``CostModel.split_arrays``: the profile's measured split where it
+has one, else half the backward of blocks with parameters as W, none of parameter-free ones), B
+takes the backward minus ``StageCost.weight``, W that weight. Gradient all-reduces: without ``allreduce_overlap`` they start once the
 pipeline has drained; with it a stage's all-reduce is charged only its exposed part
 (``costmodel.exposed_allreduce``) after its last gradient op (last B, or last W with 'zb'); a
 group's chunks reduce one after another (``step_with_allreduce``). As in the runtime, a parameter
@@ -188,7 +188,7 @@ def _sweep(forward: Sequence[float], backward: Sequence[float], weight: Sequence
 def simulate_times(forward: list[float], backward: list[float], schedule: str, microbatches: int,
                    virtual: int = 1, weight: list[float] | None = None) -> tuple[float, list[Event]]:
     """Pipeline makespan and events for per-stage op durations (no all-reduce). ``weight`` (zb
-    only): each stage's W share of ``backward``; the model's W_SHARE split when None."""
+    only): each stage's W seconds, included in ``backward``; no W at all when None."""
     events: list[Event] = []
     if schedule == "zb" and weight is None:
         weight = [0.0] * len(forward)

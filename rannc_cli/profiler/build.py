@@ -11,7 +11,8 @@ samples repeated when m is larger than the batch). That pass computes only the p
 (the first of each class): every other block's outputs are its class's first block's outputs
 (same shapes, dtypes and wiring, since the signature says so), so it costs one block per class
 whatever the depth. Graphs with data-dependent sizes (MoE routing) run every op instead.
-Estimate mode makes shape-only fake inputs instead and runs no kernel.
+Estimate mode makes shape-only fake inputs instead and runs no kernel. Each cost also carries the
+'zb' split of the backward, B and W, measured or estimated (profiler/split_backward.py).
 """
 
 from __future__ import annotations
@@ -336,6 +337,7 @@ def profile_model(model: nn.Module, args: tuple, kwargs: dict | None = None, *, 
     try:
         if mode == "measured":
             from rannc_cli.profiler.measure import measure_block
+            from rannc_cli.profiler.split_backward import with_measured_split
 
             full = captured.flatten_inputs(tuple(args), kwargs)
             budget = float(settings.get("profile_budget_seconds"))
@@ -349,19 +351,22 @@ def profile_model(model: nn.Module, args: tuple, kwargs: dict | None = None, *, 
                                                stand_in)
                 for b, cls in representatives.items():
                     note(f"measuring block {b} ({bg.blocks[b].name or '<root>'}) at microbatch {m}", 1)
-                    costs[cls].append(measure_block(stages[b], recorded[b], m, warmup, repeats, budget))
+                    cost = measure_block(stages[b], recorded[b], m, warmup, repeats, budget)
+                    costs[cls].append(with_measured_split(cost, stages[b], recorded[b], warmup, repeats, budget))
                 del recorded
         else:
             from torch._subclasses.fake_tensor import FakeTensorMode
 
             from rannc_cli.profiler.estimate import estimate_block
+            from rannc_cli.profiler.split_backward import with_estimated_split
 
             for m in sizes:
                 for b, cls in representatives.items():
                     note(f"estimating block {b} ({bg.blocks[b].name or '<root>'}) at microbatch {m}", 1)
                     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-                    costs[cls].append(estimate_block(stages[b], fake_block_inputs(bg, stages[b], m, fake_mode), m, spec,
-                                                     fake_mode))
+                    fake = fake_block_inputs(bg, stages[b], m, fake_mode)
+                    cost = estimate_block(stages[b], fake, m, spec, fake_mode)
+                    costs[cls].append(with_estimated_split(cost, stages[b], fake, spec, fake_mode))
     finally:
         with torch.no_grad():
             for name, value in saved_buffers.items():

@@ -22,7 +22,8 @@ from rannc_cli.errors import RanncError
 from rannc_cli.fileio import read_yaml, write_data_atomic
 
 FORMAT_NAME = "rannc-profile"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: optional backward_input_seconds / backward_weight_seconds (the 'zb' split)
+READ_VERSIONS = (1, 2)  # version 1 files load unchanged (no split fields: the cost model's W_SHARE split)
 
 
 @dataclass
@@ -37,6 +38,17 @@ class BlockCost:
     peak_bytes: int  # transient working memory above inputs, params and saved activations
     flops_forward: float = 0.0
     flops_backward: float = 0.0
+    # 'zb' split of the backward as the runtime runs it (profiler/split_backward.py); None: not measured
+    backward_input_seconds: float | None = None  # B: gradients of the block's inputs
+    backward_weight_seconds: float | None = None  # W: then the parameters' gradients
+
+    @property
+    def has_split(self) -> bool:
+        return self.backward_input_seconds is not None and self.backward_weight_seconds is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The file form: the split fields only where known (so version 1 content hashes stay)."""
+        return {k: v for k, v in asdict(self).items() if v is not None or k not in _SPLIT_FIELDS}
 
 
 @dataclass
@@ -66,9 +78,11 @@ class BlockClass:
 
 
 def _blend(microbatch: int, lo: BlockCost, hi: BlockCost, t: float, proportional: bool = False) -> BlockCost:
-    """Linear inter/extrapolation of every cost field, clamped at zero."""
+    """Linear inter/extrapolation of every cost field, clamped at zero (the split fields only
+    where both sizes have them)."""
     fields: dict[str, Any] = {}
-    for name in _COST_FIELDS:
+    names = _COST_FIELDS + (_SPLIT_FIELDS if lo.has_split and hi.has_split else [])
+    for name in names:
         a, b = float(getattr(lo, name)), float(getattr(hi, name))
         v = max(0.0, a * t if proportional else a + (b - a) * t)
         fields[name] = int(round(v)) if name.endswith("_bytes") else v
@@ -77,6 +91,7 @@ def _blend(microbatch: int, lo: BlockCost, hi: BlockCost, t: float, proportional
 
 _COST_FIELDS = ["forward_seconds", "backward_seconds", "recompute_backward_seconds", "activation_bytes",
                 "peak_bytes", "flops_forward", "flops_backward"]
+_SPLIT_FIELDS = ["backward_input_seconds", "backward_weight_seconds"]
 
 
 @dataclass
@@ -192,7 +207,7 @@ class Profile:
             "loss_value": self.loss_value,
             "blocks": [asdict(b) for b in self.blocks],
             "classes": [{"id": c.id, "signature": c.signature, "blocks": c.blocks,
-                         "costs": [asdict(x) for x in c.costs]} for c in self.classes],
+                         "costs": [x.to_dict() for x in c.costs]} for c in self.classes],
             "values": {k: {f: v for f, v in asdict(x).items() if f != "id"} for k, x in self.values.items()},
             "parameters": {k: {f: v for f, v in asdict(x).items() if f != "name"} for k, x in self.parameters.items()},
         }
@@ -214,9 +229,9 @@ class Profile:
         if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
             raise RanncError(f"{source} is not a rannc profile (no 'format: {FORMAT_NAME}')",
                              hint="pass a file written by `rannc profile`")
-        if data.get("version") != FORMAT_VERSION:
+        if data.get("version") not in READ_VERSIONS:
             raise RanncError(f"{source} has profile format version {data.get('version')}, this rannc reads "
-                             f"version {FORMAT_VERSION}", hint="re-run `rannc profile` with this rannc")
+                             f"versions {', '.join(map(str, READ_VERSIONS))}", hint="re-run `rannc profile` with this rannc")
         try:
             prof = cls(
                 model=dict(data["model"]),
@@ -231,6 +246,7 @@ class Profile:
                 loss_value=str(data["loss_value"]),
                 key=str(data.get("key", "")),
                 created=str(data.get("created", "")),
+                version=int(data["version"]),  # kept: a version 1 file keeps its content hash
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise RanncError(f"{source} is a malformed rannc profile ({type(exc).__name__}: {exc})",
@@ -270,5 +286,9 @@ class Profile:
                 if x.microbatch < 1 or min(x.forward_seconds, x.backward_seconds, x.recompute_backward_seconds) < 0 \
                         or min(x.activation_bytes, x.peak_bytes) < 0:
                     raise bad(f"class {c.id} has a negative or invalid cost at microbatch {x.microbatch}")
+                split = (x.backward_input_seconds, x.backward_weight_seconds)
+                if (split[0] is None) != (split[1] is None) or any(v is not None and v < 0 for v in split):
+                    raise bad(f"class {c.id} at microbatch {x.microbatch}: backward_input_seconds and "
+                              "backward_weight_seconds must both be given (non-negative) or both left out")
         if self.loss_value not in self.values:
             raise bad(f"loss value {self.loss_value!r} is not under 'values'")
