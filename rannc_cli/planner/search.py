@@ -292,7 +292,6 @@ class _Tables:
         boundary may only follow a stage of its own replica count; elsewhere the least over ``p``
         is taken. With ``all_devices`` a plan must end on the last GPU with no placement gaps."""
         U, D, J, G = self.U, self.D, self.J, self.G
-        nodes = D // G
         blk = self.blocked
         P = len(self.R) if blk[1:U].any() else 1
         F = np.full((U + 1, D + 1, J + 1, P), INF)
