@@ -132,15 +132,10 @@ def _wall_times(run: BlockRun, repeats: int, budget_seconds: float) -> tuple[lis
 _GPU_HZ = 2.0e9  # an upper bound on GPU clocks, to turn seconds into torch.cuda._sleep cycles
 
 
-def _cuda_times(run: BlockRun, repeats: int, budget_seconds: float, hint: float) -> tuple[list[float], list[float]]:
-    """Forward and backward seconds as a training step sees them: the GPU's time, or the CPU's
-    time to launch the kernels where that is longer.
-
-    A training loop launches kernels ahead of the GPU, so a block's cost is its kernels' time, not
-    launch latency plus a synchronisation. Each region therefore starts behind a GPU sleep long
-    enough for the CPU to queue all of it, and CUDA events time the kernels alone; the CPU's own
-    launch time is measured meanwhile. Timing every block with a synchronisation instead added
-    28% to a BERT-class step on an H200 (benchmarks/README.md, GPU check)."""
+def cuda_clock(hint: float = 0.0) -> Callable[[Callable[[], Any]], tuple[float, Any]]:
+    """``timed = cuda_clock(); seconds, result = timed(fn)``: ``fn``'s kernels timed with CUDA
+    events behind a GPU sleep long enough for the CPU to queue them (or the CPU's launch time
+    where longer); ``hint`` seeds the launch time, which is learnt as regions run."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     launch = max(hint, 1e-4)  # seconds the CPU may need to queue a region; learnt as we go
 
@@ -155,7 +150,19 @@ def _cuda_times(run: BlockRun, repeats: int, budget_seconds: float, hint: float)
         end.synchronize()
         launch = max(launch, cpu)
         return max(start.elapsed_time(end) / 1e3, cpu), result
+    return timed
 
+
+def _cuda_times(run: BlockRun, repeats: int, budget_seconds: float, hint: float) -> tuple[list[float], list[float]]:
+    """Forward and backward seconds as a training step sees them: the GPU's time, or the CPU's
+    time to launch the kernels where that is longer.
+
+    A training loop launches kernels ahead of the GPU, so a block's cost is its kernels' time, not
+    launch latency plus a synchronisation. Each region therefore starts behind a GPU sleep long
+    enough for the CPU to queue all of it, and CUDA events time the kernels alone; the CPU's own
+    launch time is measured meanwhile. Timing every block with a synchronisation instead added
+    28% to a BERT-class step on an H200 (benchmarks/README.md, GPU check)."""
+    timed = cuda_clock(hint)
     fwd, bwd = [], []
     for _ in range(max(1, repeats)):
         f, outs = timed(run.forward)

@@ -37,10 +37,9 @@ from typing import Any, Callable, Sequence
 import torch
 
 from rannc_cli.profiler.format import BlockCost
-from rannc_cli.profiler.measure import STEADY_RUNS, STEADY_SPREAD
+from rannc_cli.profiler.measure import STEADY_RUNS, STEADY_SPREAD, cuda_clock
 from rannc_cli.runtime.split_backward import split_backward
 
-_GPU_HZ = 2.0e9  # an upper bound on GPU clocks (as in measure.py), for the sleep that hides launches
 
 
 class _SplitRun:
@@ -77,20 +76,7 @@ def _clock(device: torch.device) -> Callable[[Callable[[], Any]], tuple[float, A
             result = fn()
             return time.perf_counter() - t0, result
         return timed
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    launch = [1e-4]
-
-    def timed_cuda(fn: Callable[[], Any]) -> tuple[float, Any]:
-        torch.cuda._sleep(int(1.5 * launch[0] * _GPU_HZ) + 100_000)
-        start.record()
-        t0 = time.perf_counter()
-        result = fn()
-        cpu = time.perf_counter() - t0
-        end.record()
-        end.synchronize()
-        launch[0] = max(launch[0], cpu)
-        return max(start.elapsed_time(end) / 1e3, cpu), result
-    return timed_cuda
+    return cuda_clock()
 
 
 def _steady(ps: list[float], bs: list[float], ws: list[float]) -> bool:
